@@ -1,0 +1,58 @@
+"""Grad-CAM for the DenseNet head, computed from forward activations alone (no backward pass)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+TARGET_LAYER = "features.norm5"
+
+
+def gradcam_weights(activations: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
+    """Returns the Grad-CAM channel weights α[n,k] for the logit w·GAP(ReLU(A)) + b.
+
+    ∂logit/∂A[k,i,j] = w_k·1[A>0]/(H·W), so α_k, the spatial mean of that gradient,
+    is w_k · (fraction of positive cells in channel k) / (H·W).
+    """
+    h, w = activations.shape[-2:]
+    positive_fraction = (activations > 0).float().mean(dim=(2, 3))
+    return fc_weight.view(1, -1).float() * positive_fraction / (h * w)
+
+
+def normalize_maps(cams: torch.Tensor) -> torch.Tensor:
+    """Scales each map to 0..1 (min-max per image, as pytorch-grad-cam does)."""
+    flat = cams.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, 1, 1)
+    cams = cams - lo
+    hi = cams.flatten(1).max(dim=1).values.view(-1, 1, 1)
+    return cams / (hi + 1e-7)
+
+
+def gradcam_maps(activations: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
+    """Returns normalised Grad-CAM maps [N,h,w] from norm5 activations [N,C,h,w]."""
+    a = activations.float()
+    alpha = gradcam_weights(a, fc_weight)
+    cams = F.relu(torch.einsum("nk,nkhw->nhw", alpha, a))
+    return normalize_maps(cams)
+
+
+def forward_with_cam(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs DenseNet once and returns (logits [N], normalised CAMs [N,h,w]) from the same activations."""
+    activations = net.features(x)  # output of features.norm5
+    pooled = F.adaptive_avg_pool2d(F.relu(activations), 1).flatten(1)
+    logits = net.classifier(pooled).squeeze(1)
+    return logits.float(), gradcam_maps(activations, net.classifier.weight)
+
+
+def heatmap_png(cam: np.ndarray | torch.Tensor, size: tuple[int, int]) -> bytes:
+    """Upsamples a 0..1 CAM to size (width, height) and encodes it as an 8-bit grayscale PNG."""
+    cam = torch.as_tensor(cam, dtype=torch.float32)[None, None]
+    up = F.interpolate(cam, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0]
+    arr = (up.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue()

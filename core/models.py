@@ -1,0 +1,119 @@
+"""Database tables. The schema itself comes only from Alembic migrations."""
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import DateTime as _DateTime
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class DateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone; this puts it back)."""
+
+    impl = _DateTime(timezone=True)
+    cache_ok = True
+
+    def __init__(self, timezone: bool = True):
+        super().__init__()
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc) if value is not None else None
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Status:
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SCORED = "scored"
+    FAILED = "failed"
+    DUPLICATE = "duplicate"
+    TERMINAL = (SCORED, FAILED, DUPLICATE)
+
+
+class Study(Base):
+    """One film that entered the inbox, from arrival to a recorded finding."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_name: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    stored_path: Mapped[str] = mapped_column(String(1024))  # relative to the data dir
+    status: Mapped[str] = mapped_column(String(16), index=True, default=Status.QUEUED)
+    error: Mapped[str | None] = mapped_column(Text)
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueue_count: Mapped[int] = mapped_column(Integer, default=0)
+    claim_token: Mapped[str | None] = mapped_column(String(36))
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    scored_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    # What the network said, and what was in force when it was scored (fixed for outcome accounting).
+    logit: Mapped[float | None] = mapped_column(Float)
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    scored_score: Mapped[float | None] = mapped_column(Float)
+    scored_threshold: Mapped[float | None] = mapped_column(Float)
+    scored_flagged: Mapped[bool | None] = mapped_column(Boolean)
+    scored_calibration_version: Mapped[str | None] = mapped_column(String(128))
+    # What the worklist shows now: derived from logit and the active calibration.
+    score: Mapped[float | None] = mapped_column(Float, index=True)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    flagged: Mapped[bool | None] = mapped_column(Boolean)
+    calibration_version: Mapped[str | None] = mapped_column(String(128))
+    timings: Mapped[dict | None] = mapped_column(JSON)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    heatmap_path: Mapped[str | None] = mapped_column(String(1024))
+    # Clinician feedback.
+    finding: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(String(2))
+    finding_comment: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str | None] = mapped_column(String(255))
+    feedback_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Calibration(Base):
+    """A calibration (logit → risk) with its threshold; exactly one is active at a time."""
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), unique=True)
+    model_version: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict] = mapped_column(JSON)
+    threshold: Mapped[float] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    activated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+
+
+class WorkerHeartbeat(Base):
+    """A worker process that has loaded the model and is alive."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    device: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

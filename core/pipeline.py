@@ -1,0 +1,102 @@
+"""The scoring pipeline for stored studies: load → preprocess → predict → calibrate → CAM → persist."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from core import repository as repo
+from core.bundle import Bundle
+from core.calibration import calibrator_from_dict
+from core.db import session_scope
+from core.gradcam import heatmap_png
+from core.imaging import ImageRejected, load_grayscale
+from core.scoring import score_images
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Claimed:
+    study_id: int
+    token: str
+    stored_path: str
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Writes a file via a temp name and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def quarantine(settings: Settings, stored_path: str) -> str:
+    """Moves a rejected file from the archive into the quarantine folder; returns its new relative path."""
+    src = settings.data_dir / stored_path
+    dest = settings.quarantine_dir / Path(stored_path).name
+    if src.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src, dest)
+    return dest.relative_to(settings.data_dir).as_posix() if dest.exists() else stored_path
+
+
+def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: str) -> dict[int, str]:
+    """Scores a batch of studies end to end; returns {study_id: final status or "skipped"}."""
+    outcome: dict[int, str] = {}
+    url = settings.database_url
+    with session_scope(url) as session:
+        claimed = []
+        for sid in study_ids:
+            token = repo.claim_study(session, study_id=sid, worker=worker)
+            study = repo.get_study(session, study_id=sid)
+            if token is None or study is None:
+                outcome[sid] = "skipped"
+            else:
+                claimed.append(Claimed(sid, token, study.stored_path))
+        cal = repo.active_calibration(session)
+        calibration = ((calibrator_from_dict({"kind": cal.kind, "params": cal.params}), cal.threshold, cal.version)
+                       if cal else (bundle.calibrator, bundle.threshold, bundle.calibration_version))
+
+    # Load: a file that cannot be decoded fails alone, with its reason, and goes to quarantine.
+    images, ok, load_ms = [], [], {}
+    for c in claimed:
+        t0 = time.perf_counter()
+        try:
+            images.append(load_grayscale(settings.data_dir / c.stored_path, max_pixels=settings.max_image_pixels))
+            ok.append(c)
+            load_ms[c.study_id] = (time.perf_counter() - t0) * 1000
+        except (ImageRejected, FileNotFoundError) as exc:
+            reason = str(exc) if isinstance(exc, ImageRejected) else "stored file is missing from the archive"
+            with session_scope(url) as session:
+                repo.mark_failed(session, study_id=c.study_id, token=c.token, reason=reason,
+                                 stored_path=quarantine(settings, c.stored_path))
+            log.info("study %s failed: %s", c.study_id, reason)
+            outcome[c.study_id] = "failed"
+
+    # Preprocess, predict, calibrate and Grad-CAM, as one batch.
+    calibrator, threshold, cal_version = calibration
+    results = score_images(bundle, images, calibrator=calibrator, threshold=threshold)
+
+    # Persist: heat-map first (idempotent overwrite), then the row, only if our claim still holds.
+    for c, img, res in zip(ok, images, results):
+        t0 = time.perf_counter()
+        heat_rel = f"heatmaps/{c.study_id}.png"
+        atomic_write(settings.data_dir / heat_rel, heatmap_png(res.cam, img.size))
+        t1 = time.perf_counter()
+        timings = {**res.timings, "decode_ms": load_ms[c.study_id], "heatmap_ms": (t1 - t0) * 1000}
+        with session_scope(url) as session:
+            stored = repo.save_score(session, study_id=c.study_id, token=c.token, logit=res.logit,
+                                     model_version=bundle.version, score=res.score, threshold=threshold,
+                                     calibration_version=cal_version, width=img.size[0], height=img.size[1],
+                                     heatmap_path=heat_rel, timings={**timings, "db_ms": 0.0})
+        timings["db_ms"] = (time.perf_counter() - t1) * 1000
+        if stored:
+            with session_scope(url) as session:
+                repo.get_study(session, study_id=c.study_id).timings = timings
+        outcome[c.study_id] = "scored" if stored else "skipped"
+    return outcome

@@ -1,0 +1,69 @@
+"""All configuration in one place: environment variables with the CHESTAID_ prefix."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    """Chest-Aid settings; every field can be set as CHESTAID_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="CHESTAID_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("var")
+    inbox: Path = Path("inbox")
+    database_url: str = ""  # default: SQLite under data_dir
+    broker_url: str = ""  # default: kombu's SQLAlchemy transport on SQLite under data_dir (no Redis needed)
+    model_dir: Path = REPO_ROOT / "models" / "default"
+    max_image_pixels: int = 50_000_000
+    target_sensitivity: float = 0.90
+    max_wait_minutes: int = 60  # a study unread this long is overdue and rises above unflagged studies
+    stable_seconds: float = 1.0  # a file's size must stay unchanged this long before it is read
+    requeue_after_seconds: int = 300  # queued/processing longer than this → enqueue again
+    worker_heartbeat_seconds: int = 10
+    worker_alive_seconds: int = 60
+    worker_concurrency: int = 1
+    score_batch_size: int = 8
+    task_max_retries: int = 3
+    broker_visibility_timeout: int = 600  # Redis: redeliver unacked tasks of a dead worker after this
+    web_host: str = "127.0.0.1"
+    web_port: int = 8000
+    refresh_seconds: int = 5
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "Settings":
+        self.data_dir = self.data_dir.resolve()
+        self.inbox = self.inbox.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'chestaid.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        return self
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def heatmap_dir(self) -> Path:
+        return self.data_dir / "heatmaps"
+
+    def ensure_dirs(self) -> None:
+        """Creates the folders the service writes to."""
+        for d in (self.data_dir, self.inbox, self.archive_dir, self.quarantine_dir, self.heatmap_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Returns the process-wide settings (read once from the environment)."""
+    return Settings()

@@ -1,0 +1,19 @@
+"""The `chestaid` command: service processes, training and model tools, administration."""
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Chest-Aid: chest X-ray triage worklist (a second look, never a diagnosis)."""
+
+
+# --- service processes (web, ingester, worker, migrate, serve) ----------------------------------
+
+
+# --- model: train, score, evaluate, recalibrate, calibration ------------------------------------
+
+
+if __name__ == "__main__":
+    main()

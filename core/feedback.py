@@ -1,0 +1,69 @@
+"""The feedback export: one row per reviewed study, the exact input of `chestaid recalibrate`."""
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.models import Study
+
+COLUMNS = ["study_id", "received_at", "scored_at", "feedback_at", "model_version", "calibration_version", "logit",
+           "score", "threshold", "flagged", "finding", "outcome", "reviewer", "comment"]
+
+
+class FeedbackFormatError(ValueError):
+    """Raised when a feedback CSV cannot be used."""
+
+
+def _iso(value) -> str:
+    return value.isoformat() if value is not None else ""
+
+
+def feedback_rows(session: Session) -> Iterable[dict]:
+    """Yields export rows for every scored study with a recorded finding, oldest feedback first.
+
+    Score, threshold, flag and calibration are the ones in force when the study was scored,
+    so the outcome column (TP/FP/TN/FN) can be checked against them.
+    """
+    studies = session.scalars(select(Study).where(Study.finding.is_not(None), Study.logit.is_not(None))
+                              .order_by(Study.feedback_at, Study.id))
+    for s in studies:
+        yield {"study_id": s.id, "received_at": _iso(s.received_at), "scored_at": _iso(s.scored_at),
+               "feedback_at": _iso(s.feedback_at), "model_version": s.model_version or "",
+               "calibration_version": s.scored_calibration_version or "", "logit": repr(float(s.logit)),
+               "score": repr(float(s.scored_score)), "threshold": repr(float(s.scored_threshold)),
+               "flagged": int(bool(s.scored_flagged)), "finding": s.finding, "outcome": s.outcome or "",
+               "reviewer": s.reviewer or "", "comment": s.finding_comment or ""}
+
+
+def feedback_csv(session: Session) -> str:
+    """Returns the whole export as CSV text."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(feedback_rows(session))
+    return buf.getvalue()
+
+
+def read_feedback_csv(path: Path) -> tuple[list[float], list[int], set[str]]:
+    """Reads (logits, labels 1=pneumonia, model versions) from an export, refusing malformed files."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"logit", "finding", "model_version"} - set(reader.fieldnames or [])
+        if missing:
+            raise FeedbackFormatError(f"{path} is not a Chest-Aid feedback export: missing columns {sorted(missing)}")
+        logits, labels, versions = [], [], set()
+        for n, row in enumerate(reader, start=2):
+            if row["finding"] not in ("pneumonia", "normal"):
+                raise FeedbackFormatError(f"{path} line {n}: finding must be pneumonia or normal, got {row['finding']!r}")
+            try:
+                logits.append(float(row["logit"]))
+            except ValueError:
+                raise FeedbackFormatError(f"{path} line {n}: logit {row['logit']!r} is not a number") from None
+            labels.append(1 if row["finding"] == "pneumonia" else 0)
+            versions.add(row["model_version"])
+    return logits, labels, versions

@@ -14,6 +14,11 @@ def main() -> None:
 
 # --- model: train, score, evaluate, recalibrate, calibration ------------------------------------
 
+from training.commands import MODEL_COMMANDS  # noqa: E402  (click only; heavy imports are lazy)
+
+for _command in MODEL_COMMANDS:
+    main.add_command(_command)
+
 
 if __name__ == "__main__":
     main()

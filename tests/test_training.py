@@ -1,0 +1,102 @@
+"""Patient-grouped splits, a two-epoch training run that `chestaid score` can load, evaluation."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from training.data import list_split, make_splits, patient_id
+from tests.conftest import fixture_images
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
+
+
+@pytest.fixture(scope="module")
+def data_root() -> Path:
+    if not (DATA / "train").is_dir():
+        if os.environ.get("CHESTAID_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"shared data set missing at {DATA}")
+        pytest.skip("shared data set not present")
+    return DATA
+
+
+@pytest.mark.parametrize("name,patient", [
+    ("person1430_bacteria_3695.jpeg", "person1430"), ("person100_virus_184.jpeg", "person100"),
+    ("IM-0115-0001.jpeg", "im-0115"), ("NORMAL2-IM-1427-0001.jpeg", "normal2-im-1427"),
+])
+def test_patient_id_from_file_names(name, patient):
+    assert patient_id(name) == patient
+
+
+def test_split_is_patient_grouped_stratified_and_reproducible(data_root):
+    splits = make_splits(data_root, seed=0)
+    patients = {k: {it.patient for it in v} for k, v in splits.items()}
+    assert not patients["train"] & patients["calibration"]
+    assert not patients["train"] & patients["report"]
+    assert not patients["calibration"] & patients["report"]
+    n_all = len(list_split(data_root, "train"))
+    assert sum(len(v) for v in splits.values()) == n_all
+    val_share = (len(splits["calibration"]) + len(splits["report"])) / n_all
+    assert 0.12 < val_share < 0.18  # ≈ the reference's 782/5216
+    for items in splits.values():  # stratified: ≈ 74% pneumonia everywhere
+        assert 0.68 < sum(it.label for it in items) / len(items) < 0.80
+    again = make_splits(data_root, seed=0)
+    assert [it.path for it in again["report"]] == [it.path for it in splits["report"]]
+
+
+def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_path):
+    runner = CliRunner()
+    bundle = tmp_path / "bundle"
+    result = runner.invoke(main, ["train", "--data", str(data_root), "--run-dir", str(tmp_path / "run"),
+                                  "--bundle", str(bundle), "--schedule", "64:1,96:1", "--limit", "24",
+                                  "--batch-size", "8"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["res"] for r in log] == [64, 96]
+    assert meta["training"]["epochs_run"] == 2 and meta["architecture"] == "densenet121"
+    assert meta["calibration"]["kind"] in ("temperature", "platt", "isotonic")
+    assert 0.0 <= meta["threshold"] <= 1.0
+    assert set(meta["bf16_check"]) >= {"val_roc_auc_fp32", "val_roc_auc_bf16", "use_bf16"}
+    assert (bundle / "report" / "README.md").exists() and (bundle / "report" / "roc.png").exists()
+
+    films = [str(p) for p in fixture_images()[:2]]
+    scored = runner.invoke(main, ["score", "--model", str(bundle), "--json", *films])
+    assert scored.exit_code == 0, scored.output
+    rows = [json.loads(line) for line in scored.output.splitlines()]
+    assert [r["path"] for r in rows] == films
+    for r in rows:
+        assert 0.0 <= r["score"] <= 1.0 and r["flagged"] == (r["score"] >= r["threshold"])
+        assert r["threshold"] == pytest.approx(meta["threshold"])
+
+
+def test_score_prints_the_reason_for_a_refused_file(bundle_dir, tmp_path):
+    bad = tmp_path / "note.png"
+    bad.write_text("not an image")
+    result = CliRunner().invoke(main, ["score", "--model", str(bundle_dir), "--json", str(bad),
+                                       str(fixture_images()[0])])
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert result.exit_code == 1
+    assert rows[0] == {"path": str(bad), "error": "not a recognised image file"}
+    assert "score" in rows[1]
+
+
+def test_evaluate_writes_reports_on_a_labelled_folder(bundle_dir, tmp_path):
+    root = tmp_path / "kaggle"
+    for p in fixture_images():
+        label = "NORMAL" if p.name.startswith("normal") else "PNEUMONIA"
+        (root / "test" / label).mkdir(parents=True, exist_ok=True)
+        (root / "test" / label / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["evaluate", "--data", str(root), "--split", "test", "--model",
+                                       str(bundle_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "evaluation.json").read_text())
+    m = report["metrics_at_bundle_threshold"]
+    assert (m["n"], m["n_pneumonia"], m["n_normal"]) == (6, 3, 3)
+    assert m["tp"] + m["fn"] == 3 and m["tn"] + m["fp"] == 3
+    assert "not an operating point" in report["threshold_for_target_sensitivity_on_this_data"]["note"]
+    for name in ("evaluation.md", "roc.png", "pr.png", "reliability.png"):
+        assert (out / name).stat().st_size > 0

@@ -1,0 +1,185 @@
+"""CLI commands for the model: train, score, evaluate, recalibrate, calibration (imports stay lazy)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_DATA = "../shared/data/chest_xray"
+
+
+def _settings():
+    from core.settings import get_settings
+    return get_settings()
+
+
+def _bundle(model: str | None):
+    from core.bundle import BundleError, load_bundle
+    path = Path(model) if model else _settings().model_dir
+    try:
+        return load_bundle(path)
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command()
+@click.option("--data", default=DEFAULT_DATA, show_default=True, help="Kaggle-layout root (<root>/train/NORMAL…).")
+@click.option("--run-dir", default="runs/default", show_default=True, help="Checkpoints, split, logs (resumable).")
+@click.option("--bundle", "bundle_dir", default="models/default", show_default=True, help="Where to write the bundle.")
+@click.option("--init", default="none", show_default=True, help="none | imagenet | PATH to local weights.")
+@click.option("--schedule", default="128:16,224:8", show_default=True, help="Progressive resizing, px:epochs,….")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--patience", default=5, show_default=True, help="Early stopping on validation ROC-AUC.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--limit", default=0, help="Use only N images per split (smoke runs).")
+@click.option("--target-sensitivity", default=None, type=float, help="Operating point (default: settings).")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from the run dir's checkpoint.")
+def train(data, run_dir, bundle_dir, init, schedule, batch_size, lr, patience, seed, limit, target_sensitivity, resume):
+    """Trains DenseNet-121, calibrates it on validation data and writes a model bundle."""
+    from core.model import InitWeightsError
+    from training.finalize import finalize
+    from training.train import TrainConfig, main as train_main
+
+    run = Path(run_dir)
+    if not resume and (run / "checkpoint.pt").exists():
+        raise click.ClickException(f"{run} already holds a run; use --resume or another --run-dir")
+    try:
+        train_main(TrainConfig(data=data, out=str(run), init=init, schedule=schedule, batch_size=batch_size, lr=lr,
+                               patience=patience, seed=seed, limit=limit))
+    except InitWeightsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    meta = finalize(run, Path(data), Path(bundle_dir), target_sensitivity or _settings().target_sensitivity)
+    m = meta["metrics"]["report_half"]
+    click.echo(f"bundle {meta['version']} written to {bundle_dir}: report-half ROC-AUC {m['roc_auc']:.4f}, "
+               f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}")
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--model", default=None, help="Bundle folder (default: settings model_dir).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--batch-size", default=16, show_default=True)
+def score(paths, model, as_json, batch_size):
+    """Scores image files or folders without the service (same code path as the worker)."""
+    from training.evaluate import expand_paths, score_files
+
+    bundle = _bundle(model)
+    failures = 0
+    for fs in score_files(bundle, expand_paths(list(paths)), batch_size=batch_size,
+                          max_pixels=_settings().max_image_pixels):
+        if fs.result is None:
+            failures += 1
+            line = {"path": str(fs.path), "error": fs.error}
+            click.echo(json.dumps(line) if as_json else f"{fs.path}\tREFUSED: {fs.error}")
+            continue
+        r = fs.result
+        if as_json:
+            click.echo(json.dumps({"path": str(fs.path), "logit": r.logit, "probability": r.probability,
+                                   "score": r.score, "threshold": r.threshold, "flagged": r.flagged}))
+        else:
+            click.echo(f"{fs.path}\trisk {r.score:.3f}\t{'FLAGGED' if r.flagged else 'not flagged'}"
+                       f" (threshold {r.threshold:.3f})")
+    sys.exit(1 if failures else 0)
+
+
+@click.command()
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", default="test", show_default=True)
+@click.option("--model", default=None, help="Bundle folder (default: settings model_dir).")
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="Report folder (default: runs/eval-SPLIT).")
+def evaluate(data, split, model, out):
+    """Evaluates the bundle on a labelled Kaggle-layout split: JSON + Markdown report and plots."""
+    from training.evaluate import evaluate as run_evaluate
+
+    bundle = _bundle(model)
+    out = out or Path("runs") / f"eval-{split}"
+    result = run_evaluate(bundle, data, split, out)
+    m = result["metrics_at_bundle_threshold"]
+    click.echo(f"{split}: n={m['n']} ROC-AUC {m['roc_auc']:.4f} PR-AUC {m['pr_auc']:.4f} "
+               f"sensitivity {m['sensitivity']:.3f} specificity {m['specificity']:.3f} "
+               f"ECE {m['ece_uncalibrated']:.3f}→{m['ece_calibrated']:.3f}; report in {out}")
+
+
+@click.command()
+@click.argument("feedback_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", default=None, help="Bundle to recalibrate (default: settings model_dir).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the new bundle.")
+@click.option("--target-sensitivity", default=None, type=float)
+def recalibrate(feedback_csv, model, out, target_sensitivity):
+    """Fits a local calibration and threshold from the worklist's feedback.csv into a new bundle."""
+    import warnings
+
+    from core.feedback import FeedbackFormatError
+    from training.recalibrate import RecalibrationRefused, recalibrate as run_recalibrate
+
+    model_dir = Path(model) if model else _settings().model_dir
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            meta = run_recalibrate(feedback_csv, model_dir, out, target_sensitivity=target_sensitivity)
+        except (RecalibrationRefused, FeedbackFormatError) as exc:
+            raise click.ClickException(f"recalibration refused: {exc}") from exc
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    r = meta["recalibration"]
+    click.echo(f"new calibration {meta['calibration']['version']} ({r['chosen']}, threshold {meta['threshold']:.4f}) "
+               f"in {out}: cross-validated ECE {r['before']['ece']:.4f} → {r['after_cross_validated']['ece']:.4f}. "
+               f"Activate it with: chestaid calibration activate {out}")
+
+
+@click.group()
+def calibration():
+    """Lists and activates calibrations (re-scores existing studies from their stored logits)."""
+
+
+@calibration.command("list")
+def calibration_list():
+    """Lists known calibrations; * marks the active one."""
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import Calibration
+
+    with session_scope(_settings().database_url) as session:
+        for cal in session.scalars(select(Calibration).order_by(Calibration.created_at)):
+            click.echo(f"{'*' if cal.active else ' '} {cal.version}\t{cal.kind}\tthreshold {cal.threshold:.4f}\t"
+                       f"model {cal.model_version}\t{cal.source}")
+
+
+@calibration.command("activate")
+@click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--version", "version", default=None, help="Re-activate an already registered calibration.")
+def calibration_activate(bundle, version):
+    """Makes a bundle's calibration (or a registered version) active and re-scores existing studies."""
+    from core import repository as repo
+    from core.bundle import BundleError, read_meta
+    from core.db import session_scope
+
+    if (bundle is None) == (version is None):
+        raise click.UsageError("give either a BUNDLE folder or --version")
+    settings = _settings()
+    with session_scope(settings.database_url) as session:
+        if bundle is not None:
+            try:
+                meta = read_meta(bundle)
+                running = read_meta(settings.model_dir)
+            except BundleError as exc:
+                raise click.ClickException(str(exc)) from exc
+            if meta["version"] != running["version"]:
+                raise click.ClickException(f"{bundle} calibrates model {meta['version']}, but the service runs "
+                                           f"{running['version']}")
+            spec = meta["calibration"]
+            version = repo.register_calibration(session, version=spec["version"], model_version=meta["version"],
+                                                kind=spec["kind"], params=spec["params"],
+                                                threshold=float(meta["threshold"]), source=str(bundle)).version
+        try:
+            n = repo.activate_calibration(session, version=version)
+        except LookupError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"calibration {version} is active; {n} studies re-scored from their stored logits")
+
+
+MODEL_COMMANDS = [train, score, evaluate, recalibrate, calibration]

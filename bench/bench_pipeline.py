@@ -1,0 +1,160 @@
+"""Drops N films into a running ingester + worker and reports throughput, latency and a per-stage breakdown.
+
+Usage:
+    python bench/bench_pipeline.py                       # embedded defaults (SQLite + kombu sqla broker)
+    python bench/bench_pipeline.py --postgres URL --redis URL
+Options: -n 40 films (cycled from ../shared/data/chest_xray/train or tests/fixtures), --model DIR.
+Prints figures; it asserts nothing (speed goals are checked by reading these numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from core.db import session_scope  # noqa: E402
+from core.migrate import upgrade  # noqa: E402
+from core.models import Status, Study  # noqa: E402
+
+STAGES = ["decode_ms", "preprocess_ms", "forward_cam_ms", "heatmap_ms", "db_ms"]
+
+
+def source_films(n: int) -> list[Path]:
+    data = REPO.parent / "shared" / "data" / "chest_xray" / "train"
+    films = sorted(data.glob("*/*.jpeg"))[::50] if data.is_dir() else sorted((REPO / "tests" / "fixtures").glob("*.jpeg"))
+    return [films[i % len(films)] for i in range(n)]
+
+
+def fresh_postgres(base_url: str) -> tuple[str, callable]:
+    name = f"chestaid_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = base_url.rsplit("/", 1)[0] + f"/{name}"
+
+    def drop():
+        from core.db import get_engine
+        get_engine(url).dispose()
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return url, drop
+
+
+def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="chestaid-bench-"))
+    env = {**os.environ, "CHESTAID_DATA_DIR": str(work / "var"), "CHESTAID_INBOX": str(work / "inbox"),
+           "CHESTAID_MODEL_DIR": str(model), "CHESTAID_STABLE_SECONDS": "0.2", **env_extra}
+    db_url = env.get("CHESTAID_DATABASE_URL") or f"sqlite:///{work / 'var' / 'chestaid.db'}"
+    env["CHESTAID_DATABASE_URL"] = db_url
+    (work / "var").mkdir(parents=True)
+    (work / "inbox").mkdir()
+    upgrade(db_url)
+    chestaid = str(Path(sys.executable).parent / "chestaid")
+    procs = [subprocess.Popen([chestaid, "worker", "--concurrency", str(concurrency)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
+             subprocess.Popen([chestaid, "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)]
+    try:
+        _wait_for_worker(db_url)
+        films = source_films(n)
+        dropped = {}
+        t_start = time.time()
+        for i, film in enumerate(films):
+            name = f"bench_{i:04d}_{film.name}"
+            tmp = work / "inbox" / f".{name}.part"
+            # Each copy gets a unique trailing comment byte-range so duplicates are not short-circuited.
+            tmp.write_bytes(film.read_bytes() + f"\n{i}".encode())
+            os.replace(tmp, work / "inbox" / name)
+            dropped[name] = time.time()
+        rows = _wait_for_scored(db_url, n, timeout=60 + 10 * n)
+        wall = max(r.scored_at.timestamp() for r in rows if r.scored_at) - t_start
+        latencies = sorted(r.scored_at.timestamp() - dropped[r.source_name] for r in rows if r.scored_at)
+        failed = [r for r in rows if r.status != Status.SCORED]
+        print(f"\n== {label}: {n} films, worker concurrency {concurrency} ==")
+        print(f"throughput       {len(latencies) / wall:.2f} studies/s ({len(latencies)} scored in {wall:.1f} s, "
+              f"{len(failed)} not scored)")
+        if latencies:
+            print(f"latency p50      {statistics.median(latencies):.2f} s (drop → scored)")
+            print(f"latency p95      {latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]:.2f} s")
+        for stage in STAGES:
+            vals = [r.timings.get(stage) for r in rows if r.timings and r.timings.get(stage) is not None]
+            if vals:
+                print(f"{stage:16s} median {statistics.median(vals):8.1f} ms   p95 "
+                      f"{sorted(vals)[min(len(vals) - 1, int(0.95 * len(vals)))]:8.1f} ms")
+        sizes = [r.timings.get("batch_size", 1) for r in rows if r.timings]
+        if sizes:
+            print(f"batch size       mean {statistics.mean(sizes):.1f}")
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_for_worker(db_url: str, timeout: float = 120) -> None:
+    from core.models import WorkerHeartbeat
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with session_scope(db_url) as s:
+                if s.query(WorkerHeartbeat).filter(WorkerHeartbeat.model_version.is_not(None)).count():
+                    return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("no worker came up with a model (is the bundle present?)")
+
+
+def _wait_for_scored(db_url: str, n: int, timeout: float) -> list[Study]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with session_scope(db_url) as s:
+            rows = s.query(Study).all()
+            if len(rows) >= n and all(r.status in Status.TERMINAL for r in rows):
+                return rows
+        time.sleep(0.25)
+    raise SystemExit(f"timed out: not all {n} films were scored")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=40)
+    ap.add_argument("--model", type=Path, default=REPO / "models" / "default")
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--postgres", help="base URL of a Postgres server (a scratch database is created)")
+    ap.add_argument("--redis", help="Redis URL for the broker")
+    ap.add_argument("--skip-embedded", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_embedded:
+        run("embedded defaults (SQLite + kombu sqla broker)", args.n, {}, args.model, args.concurrency)
+    if args.postgres and args.redis:
+        url, drop = fresh_postgres(args.postgres)
+        try:
+            run("Redis + Postgres", args.n, {"CHESTAID_DATABASE_URL": url, "CHESTAID_BROKER_URL": args.redis},
+                args.model, args.concurrency)
+        finally:
+            drop()
+
+
+if __name__ == "__main__":
+    main()

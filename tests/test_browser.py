@@ -1,0 +1,151 @@
+"""One real browser session: headless Debian Chromium driven by Playwright against uvicorn serving the app."""
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from core import repository as repo
+from core.db import get_engine, session_scope
+from core.models import utcnow
+from tests.conftest import REQUIRE_SERVICES, make_bundle
+from tests.test_web import build_site
+from web.app import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SHOTS = Path("/tmp/shots")
+
+pytestmark = pytest.mark.browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Serves create_app(settings) with uvicorn in a thread, over a site with two scored films."""
+    if not CHROMIUM.exists() and not REQUIRE_SERVICES:
+        pytest.skip("Debian chromium is not installed at /usr/bin/chromium")
+    # Seed 1: a random bundle whose Grad-CAMs are not all zero, so the overlay has something to show.
+    site = build_site(tmp_path / "site", make_bundle(tmp_path / "bundle", seed=1), n_films=2)
+    site.settings.refresh_seconds = 1
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(site.settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield site, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    get_engine(site.settings.database_url).dispose()
+
+
+@pytest.fixture
+def page():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if REQUIRE_SERVICES:
+            pytest.fail("playwright is not installed")
+        pytest.skip("playwright is not installed")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1280, "height": 900})
+        yield pg
+        browser.close()
+
+
+def test_worklist_study_sliders_and_feedback_in_chromium(server, page):
+    site, base = server
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+
+    # Worklist: flagged study first, marked in words.
+    page.goto(base + "/")
+    rows = page.locator("#body-unread tr")
+    assert rows.first.get_attribute("data-study-id") == str(site.flagged)
+    assert "FLAGGED ≥" in rows.first.inner_text()
+    assert page.locator(".caveat").is_visible()
+
+    # Auto-refresh swaps rows in place: a newly scored study appears without a reload or a scroll jump.
+    page.evaluate("window.__marker = 'same page'")
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    scroll_before = page.evaluate("window.scrollY")
+    with session_scope(site.settings.database_url) as s:
+        new = repo.create_study(s, source_name="late.jpeg", sha256="f" * 64, size_bytes=1,
+                                stored_path="archive/late.jpeg", received_at=utcnow() - dt.timedelta(seconds=5))
+        token = repo.claim_study(s, study_id=new.id, worker="test")
+        repo.save_score(s, study_id=new.id, token=token, logit=-3.0, model_version="m", score=0.047,
+                        threshold=site.threshold, calibration_version="split", width=10, height=10,
+                        heatmap_path="heatmaps/none.png", timings={})
+    page.wait_for_selector(f'#body-unread tr[data-study-id="{new.id}"]', timeout=15_000)
+    assert page.evaluate("window.__marker") == "same page"
+    assert scroll_before > 0 and page.evaluate("window.scrollY") == scroll_before
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(SHOTS / "worklist.png"), full_page=True)
+
+    # Study page: film and overlay loaded, alpha slider changes the overlay's opacity.
+    page.click(f'#body-unread tr[data-study-id="{site.flagged}"] a')
+    page.wait_for_url(f"{base}/studies/{site.flagged}")
+    page.wait_for_function("() => ['film-image', 'heatmap-overlay'].map(id => document.getElementById(id))"
+                           ".every(img => img.complete && img.naturalWidth > 0)")
+    overlay_opacity = "() => getComputedStyle(document.getElementById('heatmap-overlay')).opacity"
+    assert page.evaluate(overlay_opacity) == "0.5"
+    page.locator("#alpha").fill("85")
+    assert page.evaluate(overlay_opacity) == "0.85"
+    assert page.locator("#alpha-value").inner_text() == "85 %"
+
+    # What-if threshold: the decision follows the slider, the score never changes.
+    score = page.locator("#score").inner_text()
+    decision = page.locator("#decision")
+    assert decision.inner_text().startswith("FLAGGED for priority reading")
+    page.locator("#whatif").fill("1")
+    assert decision.inner_text() == f"What-if: Not flagged: score {score} < threshold 1.000"
+    assert page.locator("#score").inner_text() == score
+    page.locator("#whatif").fill("0.2")
+    assert decision.inner_text() == f"What-if: FLAGGED for priority reading: score {score} ≥ threshold 0.200"
+    page.locator("#whatif-reset").click()
+    assert decision.inner_text() == f"FLAGGED for priority reading: score {score} ≥ threshold {site.threshold:.3f}"
+    # The overlay really carries the colourised map (not a blank image).
+    assert page.evaluate("""() => { const img = document.getElementById('heatmap-overlay');
+        const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0);
+        const d = ctx.getImageData(0, 0, c.width, c.height).data; let m = 0;
+        for (let i = 3; i < d.length; i += 4) m = Math.max(m, d[i]);
+        return m; }""") == 255
+    page.locator("#whatif").fill("0.99")
+    page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
+
+    # Feedback through the form: POST, redirect, and the derived outcome on the page.
+    page.check("input[name=finding][value=pneumonia]")
+    page.fill("#comment", "right lower lobe consolidation")
+    page.fill("#reviewer", "Dr Browser")
+    page.click("form.feedback-form button[type=submit]")
+    page.wait_for_url(f"{base}/studies/{site.flagged}?saved=1#feedback")
+    assert page.locator("#outcome").inner_text() == "TP"
+    assert "Dr Browser" in page.locator("#recorded-finding").inner_text()
+    with session_scope(site.settings.database_url) as s:
+        study = repo.get_study(s, study_id=site.flagged)
+        assert (study.finding, study.outcome, study.reviewer) == ("pneumonia", "TP", "Dr Browser")
+    page.goto(base + "/?view=read")
+    assert page.locator("#body-read tr").first.get_attribute("data-study-id") == str(site.flagged)
+    # No CSP violations or script errors anywhere on the way.
+    assert problems == []
+

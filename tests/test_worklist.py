@@ -1,0 +1,174 @@
+"""Worklist ordering and sections against real migrated databases (SQLite and an isolated Postgres database)."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, select, text
+
+from core import repository as repo
+from core import worklist as wl
+from core.db import get_engine, session_scope
+from core.migrate import upgrade
+from core.models import Study
+
+NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+MAX_WAIT = 60  # minutes
+
+
+@pytest.fixture(scope="module")
+def postgres_db(postgres_url):
+    """A fresh Postgres database for this module, created and dropped around it."""
+    name = f"chestaid_worklist_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """A migrated, empty database on each backend (Postgres: tables emptied between tests)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'wl.db'}"
+        upgrade(url)
+        yield url
+        get_engine(url).dispose()
+        return
+    url = request.getfixturevalue("postgres_db")
+    upgrade(url)
+    yield url
+    with get_engine(url).begin() as conn:
+        conn.execute(text("TRUNCATE studies, calibrations, worker_heartbeats RESTART IDENTITY CASCADE"))
+
+
+def add_scored(session, name: str, *, score: float, minutes_ago: float, threshold: float = 0.5,
+               logit: float = 0.0) -> int:
+    """Creates a study received minutes_ago before NOW and scores it with the given calibrated score."""
+    study = repo.create_study(session, source_name=name, sha256=uuid.uuid4().hex * 2, size_bytes=10,
+                              stored_path=f"archive/{name}", received_at=NOW - dt.timedelta(minutes=minutes_ago))
+    token = repo.claim_study(session, study_id=study.id, worker="w1")
+    assert repo.save_score(session, study_id=study.id, token=token, logit=logit, model_version="m1", score=score,
+                           threshold=threshold, calibration_version="c1", width=100, height=100,
+                           heatmap_path=f"heatmaps/{study.id}.png", timings={})
+    return study.id
+
+
+def names(entries) -> list[str]:
+    return [e.study.source_name for e in entries]
+
+
+def test_unread_order_flagged_then_overdue_then_by_score(db_url):
+    with session_scope(db_url) as s:
+        add_scored(s, "low-fresh", score=0.10, minutes_ago=5)
+        add_scored(s, "high-fresh", score=0.90, minutes_ago=5)
+        add_scored(s, "mid-flag-old", score=0.60, minutes_ago=30)
+        add_scored(s, "mid-flag-new", score=0.60, minutes_ago=10)  # same score: the older one first
+        add_scored(s, "low-overdue-longest", score=0.05, minutes_ago=300)
+        add_scored(s, "low-overdue", score=0.20, minutes_ago=90)
+        add_scored(s, "flag-overdue", score=0.55, minutes_ago=120)
+        add_scored(s, "mid-unflagged", score=0.45, minutes_ago=20)
+        add_scored(s, "mid-unflagged-tie-new", score=0.45, minutes_ago=2)
+    with session_scope(db_url) as s:
+        entries = wl.unread(s, max_wait_minutes=MAX_WAIT, now=NOW)
+        assert names(entries) == [
+            "high-fresh", "mid-flag-old", "mid-flag-new", "flag-overdue",  # flagged by score, ties oldest first
+            "low-overdue-longest", "low-overdue",  # overdue unflagged: longest waiting first
+            "mid-unflagged", "mid-unflagged-tie-new", "low-fresh",  # the rest by score, ties oldest first
+        ]
+        by_name = {e.study.source_name: e for e in entries}
+        assert [e.tier for e in entries] == [0, 0, 0, 0, 1, 1, 2, 2, 2]
+        assert by_name["flag-overdue"].overdue and by_name["flag-overdue"].tier == wl.TIER_FLAGGED
+        assert by_name["low-overdue"].overdue and not by_name["mid-unflagged"].overdue
+        assert by_name["low-overdue-longest"].waiting_seconds == pytest.approx(300 * 60)
+        assert by_name["high-fresh"].waiting_seconds == pytest.approx(5 * 60)
+
+
+def test_overdue_limit_is_configurable_and_time_dependent(db_url):
+    with session_scope(db_url) as s:
+        add_scored(s, "low-old", score=0.1, minutes_ago=45)
+        add_scored(s, "mid-new", score=0.4, minutes_ago=1)
+    with session_scope(db_url) as s:
+        assert names(wl.unread(s, max_wait_minutes=60, now=NOW)) == ["mid-new", "low-old"]
+        assert names(wl.unread(s, max_wait_minutes=30, now=NOW)) == ["low-old", "mid-new"]
+        later = NOW + dt.timedelta(minutes=20)  # low-old has now waited 65 minutes
+        entries = wl.unread(s, max_wait_minutes=60, now=later)
+        assert names(entries) == ["low-old", "mid-new"]
+        assert [e.overdue for e in entries] == [True, False]
+
+
+def test_sections_and_read_view(db_url):
+    with session_scope(db_url) as s:
+        read_id = add_scored(s, "read-me", score=0.8, minutes_ago=50)
+        unread_id = add_scored(s, "unread", score=0.3, minutes_ago=40)
+        q_old = repo.create_study(s, source_name="queued-old", sha256="a" * 64, size_bytes=1,
+                                  stored_path="archive/qo", received_at=NOW - dt.timedelta(minutes=3)).id
+        q_new = repo.create_study(s, source_name="queued-new", sha256="b" * 64, size_bytes=1,
+                                  stored_path="archive/qn", received_at=NOW - dt.timedelta(minutes=1)).id
+        assert repo.claim_study(s, study_id=q_new, worker="w1")
+        bad = repo.create_study(s, source_name="bad.png", sha256="c" * 64, size_bytes=0, stored_path="archive/bad",
+                                received_at=NOW - dt.timedelta(minutes=2)).id
+        assert repo.mark_failed(s, study_id=bad, reason="empty file (0 bytes)", stored_path="quarantine/bad")
+        dup = repo.create_study(s, source_name="copy.jpeg", sha256="a" * 64, size_bytes=1, stored_path="archive/qo",
+                                received_at=NOW).id
+        repo.record_feedback(s, study_id=read_id, finding="normal", comment="clear", reviewer="dr x")
+    with session_scope(db_url) as s:
+        sec = {n: wl.section(s, n, max_wait_minutes=MAX_WAIT, now=NOW) for n in wl.SECTIONS}
+        assert [e.study.id for e in sec["unread"].entries] == [unread_id]
+        assert [e.study.id for e in sec["in_progress"].entries] == [q_old, q_new]  # oldest first
+        assert [e.study.status for e in sec["in_progress"].entries] == ["queued", "processing"]
+        assert [(e.study.id, e.study.error) for e in sec["failed"].entries] == [(bad, "empty file (0 bytes)")]
+        assert [(e.study.id, e.study.duplicate_of_id) for e in sec["duplicates"].entries] == [(dup, q_old)]
+        read = sec["read"].entries
+        assert [(e.study.id, e.study.finding, e.study.outcome) for e in read] == [(read_id, "normal", "FP")]
+        assert not read[0].overdue and read[0].tier is None
+        # Every study appears exactly once across the sections.
+        everything = [e.study.id for e in wl.all_studies(s, max_wait_minutes=MAX_WAIT, now=NOW)]
+        assert sorted(everything) == sorted(s.scalars(select(Study.id)))
+        assert everything[0] == unread_id
+        limited = wl.section(s, "in_progress", max_wait_minutes=MAX_WAIT, now=NOW, limit=1)
+        assert len(limited.entries) == 1 and limited.total == 2
+        with pytest.raises(ValueError):
+            wl.section(s, "nope", max_wait_minutes=MAX_WAIT, now=NOW)
+
+
+def test_status_strip_counts_workers_and_calibration(db_url):
+    with session_scope(db_url) as s:
+        add_scored(s, "old", score=0.12, minutes_ago=120, logit=-2.0)
+        add_scored(s, "new", score=0.88, minutes_ago=1, logit=2.0)
+        q = repo.create_study(s, source_name="q", sha256="d" * 64, size_bytes=1, stored_path="archive/q").id
+        repo.create_study(s, source_name="q2", sha256="e" * 64, size_bytes=1, stored_path="archive/q2")
+        assert repo.claim_study(s, study_id=q, worker="w1")
+        repo.register_calibration(s, version="cal-7", model_version="m1", kind="temperature",
+                                  params={"temperature": 1.0}, threshold=0.42, source="test")
+        repo.activate_calibration(s, version="cal-7")
+    with session_scope(db_url) as s:
+        strip = wl.status_strip(s, worker_alive_seconds=60, max_wait_minutes=MAX_WAIT, now=NOW)
+        assert (strip.queued, strip.processing, strip.queue_length) == (1, 1, 2)
+        assert (strip.unread, strip.overdue, strip.failed, strip.read) == (2, 1, 0, 0)
+        assert strip.workers_alive == 0 and strip.model_versions == []
+        assert (strip.calibration_version, strip.calibration_model_version, strip.threshold) == ("cal-7", "m1", 0.42)
+        assert names(wl.unread(s, max_wait_minutes=MAX_WAIT, now=NOW)) == ["new", "old"]  # new is flagged
+        repo.heartbeat(s, name="worker-a", model_version="m1", device="cpu")
+        repo.heartbeat(s, name="worker-b", model_version="m1", device="cpu")
+        # A new calibration re-derives the displayed flags from the stored logits; the order follows.
+        repo.register_calibration(s, version="cal-strict", model_version="m1", kind="temperature",
+                                  params={"temperature": 1.0}, threshold=0.95, source="test")
+        repo.activate_calibration(s, version="cal-strict")
+    with session_scope(db_url) as s:
+        strip = wl.status_strip(s, worker_alive_seconds=60, max_wait_minutes=MAX_WAIT)
+        assert strip.workers_alive == 2 and strip.model_versions == ["m1"]
+        assert strip.calibration_version == "cal-strict"
+        entries = wl.unread(s, max_wait_minutes=MAX_WAIT, now=NOW)
+        # 0.88 < 0.95: nothing is flagged now, so the overdue film rises above the higher score.
+        assert names(entries) == ["old", "new"]
+        assert [(e.tier, e.overdue, e.study.flagged) for e in entries] == [(1, True, False), (2, False, False)]
+        assert entries[1].study.score == pytest.approx(0.8807970779778823)

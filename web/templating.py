@@ -1,0 +1,64 @@
+"""Jinja2 environment and display filters shared by the pages."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from fastapi.templating import Jinja2Templates
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+CAVEAT = ("The score is a calibrated risk score for triage, not a diagnosis; the heat-map shows where the "
+          "network looked, it is not a lesion marking. Chest-Aid never replaces the radiologist.")
+
+OUTCOME_TEXT = {
+    "TP": "true positive: flagged, finding pneumonia",
+    "FP": "false positive: flagged, finding normal",
+    "TN": "true negative: not flagged, finding normal",
+    "FN": "false negative: not flagged, finding pneumonia",
+}
+
+
+def waited(seconds: float | None) -> str:
+    """Formats a waiting time for people: "45 s", "12 min", "3 h 05 min", "2 d 4 h"."""
+    if seconds is None:
+        return "–"
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    minutes, hours = s // 60, s // 3600
+    if hours == 0:
+        return f"{minutes} min"
+    if hours < 48:
+        return f"{hours} h {minutes % 60:02d} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def when(value: dt.datetime | None) -> str:
+    """Formats a timestamp in the server's local time zone (the hospital's), with its zone name."""
+    if value is None:
+        return "–"
+    local = value.astimezone()
+    return local.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def clock(value: dt.datetime | None) -> str:
+    """Formats a time of day in the server's local time zone."""
+    return value.astimezone().strftime("%H:%M:%S") if value is not None else "–"
+
+
+def score(value: float | None) -> str:
+    """Formats a calibrated score with three decimals."""
+    return "–" if value is None else f"{value:.3f}"
+
+
+def make_templates() -> Jinja2Templates:
+    """Returns the template renderer with Chest-Aid's filters and globals."""
+    templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+    env = templates.env
+    env.filters.update(waited=waited, when=when, clock=clock, score=score)
+    env.globals.update(caveat=CAVEAT, outcome_text=OUTCOME_TEXT)
+    return templates
+
+
+templates = make_templates()

@@ -31,9 +31,19 @@ class Settings(BaseSettings):
     score_batch_size: int = 8
     task_max_retries: int = 3
     broker_visibility_timeout: int = 600  # Redis: redeliver unacked tasks of a dead worker after this
+    debug_task_delay_seconds: float = 0.0  # fault-injection tests only: each claimed batch sleeps this long
+    task_queue: str = "chestaid"  # broker queue the ingester sends to and workers consume
     web_host: str = "127.0.0.1"
     web_port: int = 8000
     refresh_seconds: int = 5
+    dicom_host: str = "0.0.0.0"  # C-STORE receiver: modalities and PACS push over the network
+    dicom_port: int = 11112
+    dicom_ae_title: str = "CHESTAID"
+    dicom_allowed_aes: list[str] = []  # calling AE titles accepted; empty = any (JSON list in the env)
+    # Sign-in throttling (issue 5): failures counted in the database, so it holds across web processes.
+    login_max_failures_per_account: int = 5
+    login_max_failures_per_client: int = 20
+    login_throttle_window_seconds: int = 900
 
     @model_validator(mode="after")
     def _defaults(self) -> "Settings":

@@ -36,10 +36,14 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
 
 
 def load_grayscale(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decodes a PNG/JPEG/other raster file to an oriented 8-bit grayscale image."""
+    """Decodes a PNG/JPEG/other raster or a DICOM file (by its preamble) to an oriented 8-bit grayscale image."""
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
     if not data:
         raise ImageRejected("empty file (0 bytes)")
+    if data[128:132] == b"DICM":
+        from core.dicom import read_dicom  # imported here: core.dicom imports ImageRejected from this module
+
+        return read_dicom(data, max_pixels=max_pixels)[0]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -1,0 +1,222 @@
+"""The C-STORE receiver: real pynetdicom associations against the listener, files checked byte for byte."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread, uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from core.dicom_listener import OUT_OF_RESOURCES, STORAGE_CLASSES, start_listener, stop_listener
+from core.imaging import load_grayscale
+from core.settings import Settings
+from tests.conftest import fixture_images
+from tests.dicom_samples import ACCESSION, PATIENT_ID, PATIENT_NAME, compressed, film, make_dataset, to_bytes
+
+SCU_SYNTAXES = [uid.ExplicitVRLittleEndian, uid.JPEG2000Lossless, uid.RLELossless]
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(data_dir=tmp_path / "var", inbox=tmp_path / "inbox")
+
+
+@pytest.fixture
+def listener(settings):
+    server = start_listener(settings, port=0, ae_title="CHESTAID", host="127.0.0.1")
+    yield server
+    stop_listener(server)
+
+
+def port_of(server) -> int:
+    return server.server_address[1]
+
+
+def instances(n: int) -> list:
+    """n distinct instances built from the fixture films: DX and CR, MONOCHROME1/2, some compressed."""
+    out = []
+    for i in range(n):
+        v = film(fixture_images()[i % len(fixture_images())]).astype(np.uint16) * 16
+        if i % 3 == 1:
+            ds = make_dataset(4095 - v, modality="CR", photometric="MONOCHROME1", bits_stored=12)
+        else:
+            ds = make_dataset(v, modality="DX", bits_stored=12)
+        if i % 3 == 2:
+            ds = compressed(ds, uid.JPEG2000Lossless)
+        out.append(ds)
+    return out
+
+
+def scu(ae_title: str = "MODALITY1") -> AE:
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(Verification)
+    # One context per (class, syntax): a compressed instance can only travel in a context accepted for its syntax.
+    for sop_class in STORAGE_CLASSES[:2] + (CTImageStorage,):
+        for syntax in SCU_SYNTAXES:
+            ae.add_requested_context(sop_class, syntax)
+    return ae
+
+
+def send(port: int, datasets, ae_title: str = "MODALITY1") -> list[int | None]:
+    """Sends datasets over one association; returns each C-STORE status (None when none came back)."""
+    assoc = scu(ae_title).associate("127.0.0.1", port, ae_title="CHESTAID")
+    if not assoc.is_established:
+        return [None] * len(datasets)
+    statuses = []
+    for ds in datasets:
+        status = assoc.send_c_store(ds) if assoc.is_established else None
+        statuses.append(int(status.Status) if status else None)
+    if assoc.is_established:
+        assoc.release()
+    return statuses
+
+
+def assert_received(inbox: Path, datasets) -> None:
+    """Every instance is in the inbox under its SOP UID, whole, with the preamble, decoding like the original."""
+    for ds in datasets:
+        path = inbox / f"{ds.SOPInstanceUID}.dcm"
+        data = path.read_bytes()
+        assert data[128:132] == b"DICM"
+        got = dcmread(path)
+        assert got.SOPInstanceUID == ds.SOPInstanceUID
+        assert got.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert got.PixelData == ds.PixelData
+        assert np.array_equal(np.asarray(load_grayscale(data)), np.asarray(load_grayscale(to_bytes(ds))))
+    assert not [p.name for p in inbox.iterdir() if p.name.startswith(".") or p.suffix == ".part"]
+
+
+def test_echo_and_several_instances_over_two_associations(listener, settings, caplog):
+    caplog.set_level(logging.DEBUG)
+    port = port_of(listener)
+    assoc = scu().associate("127.0.0.1", port, ae_title="CHESTAID")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+    batch = instances(5)
+    assert send(port, batch[:3]) == [0, 0, 0]
+    assert send(port, batch[3:], ae_title="MODALITY2") == [0, 0]
+    assert_received(settings.inbox, batch)
+    assert sorted(p.name for p in settings.inbox.iterdir()) == sorted(f"{d.SOPInstanceUID}.dcm" for d in batch)
+    for phi in (PATIENT_ID, PATIENT_NAME, ACCESSION):
+        assert phi not in caplog.text
+    assert batch[0].SOPInstanceUID in caplog.text
+
+
+def test_received_file_is_the_dataset_as_sent(listener, settings):
+    ds = instances(1)[0]
+    assert send(port_of(listener), [ds]) == [0]
+    # Same transfer syntax on both sides: the stored dataset bytes equal the sender's encoding exactly.
+    sent = to_bytes(ds)
+    stored = (settings.inbox / f"{ds.SOPInstanceUID}.dcm").read_bytes()
+    assert stored.endswith(sent[sent.index(b"\x08\x00\x16\x00"):])  # from (0008,0016) SOPClassUID onward
+
+
+def test_unlisted_calling_ae_title_is_rejected(settings):
+    server = start_listener(settings, port=0, ae_title="CHESTAID", allowed=["PACS"], host="127.0.0.1")
+    try:
+        intruder = scu("INTRUDER").associate("127.0.0.1", port_of(server), ae_title="CHESTAID")
+        assert intruder.is_rejected
+        ds = instances(1)[0]
+        assert send(port_of(server), [ds], ae_title="PACS") == [0]
+        assert_received(settings.inbox, [ds])
+    finally:
+        stop_listener(server)
+
+
+def test_other_modalities_are_refused_at_negotiation(listener, settings):
+    assoc = scu().associate("127.0.0.1", port_of(listener), ae_title="CHESTAID")
+    assert assoc.is_established
+    ct = make_dataset(film(fixture_images()[0]), modality="CT")
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    with pytest.raises(ValueError, match="No presentation context"):
+        assoc.send_c_store(ct)
+    assoc.release()
+    assert list(settings.inbox.iterdir()) == []
+
+
+def test_nothing_is_lost_when_the_receiver_stops_mid_way_and_restarts(settings):
+    batch = instances(6)
+    server = start_listener(settings, port=0, ae_title="CHESTAID", host="127.0.0.1")
+    port = port_of(server)
+    assoc = scu().associate("127.0.0.1", port, ae_title="CHESTAID")
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in batch[:2]]
+    stop_listener(server)  # mid-association: the receiver goes away under the sender
+    for ds in batch[2:]:
+        status = assoc.send_c_store(ds) if assoc.is_established else None
+        statuses.append(int(status.Status) if status else None)
+    assert statuses[:2] == [0, 0]
+    assert statuses[2:] == [None] * 4
+    assert send(port, batch[2:]) == [None] * 4  # nobody listening: the association is refused
+
+    server = start_listener(settings, port=port, ae_title="CHESTAID", host="127.0.0.1")
+    try:
+        failed = [ds for ds, status in zip(batch, statuses) if status != 0]
+        assert send(port, failed) == [0] * len(failed)
+    finally:
+        stop_listener(server)
+    assert_received(settings.inbox, batch)
+    assert len(list(settings.inbox.iterdir())) == 6
+
+
+def test_write_failure_answers_out_of_resources_and_the_server_keeps_serving(listener, settings):
+    port = port_of(listener)
+    first, second = instances(2)
+    # A misbehaving sender: associates, then aborts without a word.
+    rude = scu("RUDE").associate("127.0.0.1", port, ae_title="CHESTAID")
+    assert rude.is_established
+    rude.abort()
+    # The inbox vanishes (a full or unmounted share): the sender is told, nothing is half-written.
+    moved = settings.inbox.with_name("inbox-away")
+    settings.inbox.rename(moved)
+    settings.inbox.write_bytes(b"not a directory")
+    assert send(port, [first]) == [OUT_OF_RESOURCES]
+    settings.inbox.unlink()
+    moved.rename(settings.inbox)
+    assert send(port, [first, second]) == [0, 0]
+    assert_received(settings.inbox, [first, second])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_dicom_listen_receives_into_the_inbox(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "CHESTAID_DATA_DIR": str(tmp_path / "var"), "CHESTAID_INBOX": str(tmp_path / "inbox"),
+           "CHESTAID_DICOM_HOST": "127.0.0.1"}
+    chestaid = shutil.which("chestaid", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen([chestaid, "dicom-listen", "--port", str(port), "--ae-title", "CHESTAID",
+                             "--allow-ae", "MODALITY1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        ae = scu()
+        ae.connection_timeout = 1
+        for _ in range(60):  # wait for the process to listen
+            assoc = ae.associate("127.0.0.1", port, ae_title="CHESTAID")
+            if assoc.is_established:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        ds = instances(1)[0]
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        assert_received(tmp_path / "inbox", [ds])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    log = out.decode()
+    assert f"received SOP {ds.SOPInstanceUID} from MODALITY1" in log
+    assert PATIENT_ID not in log and PATIENT_NAME not in log

@@ -12,12 +12,190 @@ def main() -> None:
 # --- service processes (web, ingester, worker, migrate, serve) ----------------------------------
 
 
+def _settings():
+    from core.settings import get_settings
+
+    return get_settings()
+
+
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+
+
+def _bundle_warning(settings) -> str | None:
+    from core.bundle import META_FILE
+
+    if (settings.model_dir / META_FILE).is_file():
+        return None
+    return (f"WARNING: no model bundle at {settings.model_dir} ({META_FILE} missing). Films will be received "
+            "and queued, but scoring waits until a bundle exists (train/finalize one, or set CHESTAID_MODEL_DIR).")
+
+
+@main.command()
+def migrate() -> None:
+    """Creates or upgrades the database schema (Alembic, head)."""
+    from core.migrate import upgrade
+
+    settings = _settings()
+    if settings.database_url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    click.echo(f"database at head: {settings.database_url}")
+
+
+@main.command()
+@click.option("--host", default=None, help="bind address (default CHESTAID_WEB_HOST, 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="port (default CHESTAID_WEB_PORT, 8000)")
+def web(host: str | None, port: int | None) -> None:
+    """Runs the worklist web app (uvicorn web.app:app)."""
+    import uvicorn
+
+    settings = _settings()
+    uvicorn.run("web.app:app", host=host or settings.web_host, port=port or settings.web_port)
+
+
+@main.command()
+def ingest() -> None:
+    """Watches the inbox and turns each dropped file into an enqueued study."""
+    import signal
+    import threading
+
+    from core.ingest import Ingester
+    from worker.app import make_enqueue
+
+    _logging()
+    settings = _settings()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ingester = Ingester(settings, make_enqueue()).start()
+    click.echo(f"ingesting films dropped into {settings.inbox}")
+    stop.wait()
+    ingester.stop()
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--concurrency", "-c", type=int, default=None,
+              help="pool processes (default CHESTAID_WORKER_CONCURRENCY, 1)")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(concurrency: int | None, celery_args: tuple[str, ...]) -> None:
+    """Runs a scoring worker: `celery -A worker.app worker` (extra arguments go to celery)."""
+    from worker.app import celery_app
+
+    settings = _settings()
+    settings.ensure_dirs()  # the default broker is a SQLite file under the data dir
+    celery_app.worker_main(["worker", f"--concurrency={concurrency or settings.worker_concurrency}",
+                            "--loglevel=INFO", *celery_args])
+
+
+def _die_with_parent() -> None:
+    """Linux: a child of `serve` gets SIGTERM if serve itself is killed before it can stop them."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@main.command()
+def serve() -> None:
+    """Migrates, then runs web, ingester and one worker together; Ctrl-C stops them all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from core.migrate import upgrade
+
+    settings = _settings()
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    # Children re-read settings from the environment: pin the resolved values so they agree.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHESTAID_DATA_DIR": str(settings.data_dir),
+           "CHESTAID_INBOX": str(settings.inbox), "CHESTAID_DATABASE_URL": settings.database_url,
+           "CHESTAID_BROKER_URL": settings.broker_url, "CHESTAID_MODEL_DIR": str(settings.model_dir)}
+    me = [sys.executable, "-m", "cli"]
+    commands = {"worker": [*me, "worker"], "ingest": [*me, "ingest"],
+                "web": [*me, "web", "--host", settings.web_host, "--port", str(settings.web_port)]}
+    stopping: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: stopping.append(signum))
+    # Own sessions: a terminal Ctrl-C reaches only us, and we stop the children in order.
+    children = {name: subprocess.Popen(cmd, env=env, start_new_session=True,
+                                       preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                for name, cmd in commands.items()}
+    warning = _bundle_warning(settings)
+    if warning:
+        click.echo(warning, err=True)
+    url = f"http://{settings.web_host}:{settings.web_port}/"
+    click.echo(f"Chest-Aid is running.\n  worklist:  {url}\n  inbox:     {settings.inbox}  (drop films here)\n"
+               f"  data:      {settings.data_dir}\n  Ctrl-C stops everything.")
+    code = 0
+    while not stopping:
+        dead = [name for name, proc in children.items() if proc.poll() is not None]
+        if dead:
+            click.echo(f"{', '.join(dead)} exited (code {children[dead[0]].returncode}); stopping the rest", err=True)
+            code = 1
+            break
+        time.sleep(0.5)
+    for name in ("ingest", "web", "worker"):  # stop intake first, the worker last so running tasks finish
+        if children[name].poll() is None:
+            children[name].send_signal(signal.SIGTERM)
+    # A worker finishes its running task first (warm shutdown); a second Ctrl-C stops waiting.
+    deadline = time.monotonic() + 30
+    while any(p.poll() is None for p in children.values()) and time.monotonic() < deadline and len(stopping) < 2:
+        time.sleep(0.2)
+    for name, proc in children.items():
+        if proc.poll() is None:
+            click.echo(f"{name} did not stop; killing it", err=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    click.echo("stopped")
+    sys.exit(code)
+
+
 # --- model: train, score, evaluate, recalibrate, calibration ------------------------------------
 
 from training.commands import MODEL_COMMANDS  # noqa: E402  (click only; heavy imports are lazy)
 
 for _command in MODEL_COMMANDS:
     main.add_command(_command)
+
+
+# --- accounts: user, token, audit ---------------------------------------------------------------
+
+from cli_accounts import ACCOUNT_COMMANDS  # noqa: E402
+
+for _command in ACCOUNT_COMMANDS:
+    main.add_command(_command)
+
+
+# --- DICOM: C-STORE receiver --------------------------------------------------------------------
+
+
+@main.command("dicom-listen")
+@click.option("--port", type=int, default=None, help="TCP port (default CHESTAID_DICOM_PORT, 11112)")
+@click.option("--ae-title", default=None, help="this receiver's AE title (default CHESTAID_DICOM_AE_TITLE, CHESTAID)")
+@click.option("--allow-ae", "allowed", multiple=True,
+              help="accept associations only from this calling AE title (repeatable; default "
+                   "CHESTAID_DICOM_ALLOWED_AES, empty = any)")
+@click.option("--host", default=None, help="bind address (default CHESTAID_DICOM_HOST, 0.0.0.0)")
+def dicom_listen(port: int | None, ae_title: str | None, allowed: tuple[str, ...], host: str | None) -> None:
+    """Receives DICOM radiographs pushed by modalities/PACS (C-STORE, C-ECHO) into the inbox."""
+    import logging
+    import signal
+
+    from core.dicom_listener import run_listener
+    from core.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM as on Ctrl-C
+    run_listener(get_settings(), port=port, ae_title=ae_title, allowed=list(allowed) or None, host=host)
 
 
 if __name__ == "__main__":

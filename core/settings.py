@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import model_validator
+from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     login_max_failures_per_account: int = 5
     login_max_failures_per_client: int = 20
     login_throttle_window_seconds: int = 900
+    # Web sessions (issue 5): signed cookies. An empty secret is generated once and kept in
+    # data_dir/session_secret (mode 0600), shared by the web processes of one machine; deployments with
+    # web processes on several machines must set CHESTAID_SESSION_SECRET to the same value on each.
+    session_secret: SecretStr = SecretStr("")
+    session_idle_minutes: int = 30  # signed out after this long without a click (background polling does not count)
+    session_max_hours: int = 12  # signed out this long after signing in, however active
+    force_https_cookies: bool = False  # mark cookies Secure even when the app sees plain HTTP (TLS ends at a proxy)
+    max_request_bytes: int = 1_048_576  # larger request bodies are refused with 413
 
     @model_validator(mode="after")
     def _defaults(self) -> "Settings":

@@ -1,0 +1,299 @@
+"""Folder ingester: a file dropped into the inbox becomes an archived, committed, then enqueued study."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from core import repository as repo
+from core.db import session_scope
+from core.models import Status, utcnow
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[int], None]
+TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".swp")
+EMPTY_REASON = "empty file (0 bytes)"  # the same words core.imaging uses
+# create_study finds duplicates by read-then-insert; two copies ingested at once would both look first.
+# One ingester per inbox, so a process-wide lock around that commit is enough.
+_CREATE_LOCK = threading.Lock()
+
+
+def is_candidate(path: Path) -> bool:
+    """Tells whether an inbox entry is a finished-looking regular file (not a dotfile, temp name or link)."""
+    name = path.name
+    if name.startswith(".") or name.endswith("~") or name.lower().endswith(TEMP_SUFFIXES):
+        return False
+    return path.is_file() and not path.is_symlink()
+
+
+def clean_suffix(name: str) -> str:
+    """Returns a safe lower-case extension for the archive name ('' when odd), keeping '.png' or '.jpeg'."""
+    suffix = Path(name).suffix
+    return suffix.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,10}", suffix) else ""
+
+
+def display_name(path: Path) -> str:
+    """Returns the file name as storable text (undecodable bytes escaped, at most 512 characters)."""
+    return path.name.encode("utf-8", "backslashreplace").decode("utf-8")[:512]
+
+
+def _can_open(path: Path) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until_stable(path: Path, seconds: float, *, stop: threading.Event | None = None) -> bool:
+    """Blocks until the file has not changed for `seconds` and opens; False if it vanished or we are stopping."""
+    poll = max(0.02, min(0.25, seconds / 4))
+    last, since = None, time.monotonic()
+    while True:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        now = time.monotonic()
+        if sig != last:
+            last, since = sig, now
+        else:
+            # A file last touched long ago (dropped while we were down) needs no full wait; every write
+            # moves mtime/ctime, so an old timestamp plus one unchanged poll means it is complete.
+            idle_on_disk = time.time() - max(st.st_mtime, st.st_ctime) >= seconds
+            if (now - since >= seconds or idle_on_disk) and _can_open(path):
+                return True
+        if stop is not None and stop.is_set():
+            return False
+        time.sleep(poll)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-links src to dst (same file system, instant) or copies it."""
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def send(study_id: int, *, settings: Settings, enqueue: Enqueue) -> bool:
+    """Enqueues a committed study and records it; a broker failure is logged and left to the re-enqueue sweep."""
+    try:
+        enqueue(study_id)
+    except Exception as exc:
+        log.warning("could not enqueue study %s (%s); it stays queued and is re-sent within %ss",
+                    study_id, exc, settings.requeue_after_seconds)
+        return False
+    try:
+        with session_scope(settings.database_url) as session:
+            repo.mark_enqueued(session, study_id=study_id)
+    except Exception as exc:  # the message is out; at worst the sweep sends it again (tasks are idempotent)
+        log.warning("study %s enqueued but not marked (%s)", study_id, exc)
+    return True
+
+
+def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop: threading.Event | None = None,
+                wait: bool = True) -> int | None:
+    """Archives one inbox file, commits its Study and then enqueues it; returns the study id (None if skipped).
+
+    Order matters for crash safety: the archive copy is made first, the row committed second and only then
+    the inbox file removed, so a crash at any point leaves the file in the inbox to be picked up again.
+    """
+    path = Path(path)
+    if not is_candidate(path) or (wait and not wait_until_stable(path, settings.stable_seconds, stop=stop)):
+        return None
+    suffix = clean_suffix(path.name)
+    settings.archive_dir.mkdir(parents=True, exist_ok=True)
+    staging = settings.archive_dir / f".incoming-{uuid.uuid4().hex}{suffix}"
+    try:
+        try:
+            _link_or_copy(path, staging)
+        except FileNotFoundError:
+            return None  # taken by another ingester, or deleted by the sender
+        # Hash the archived bytes themselves, so the name always matches the content kept.
+        sha, size = _sha256(staging)
+        folder = settings.quarantine_dir if size == 0 else settings.archive_dir / sha[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / f"{sha}{suffix}"
+        if not dest.exists():
+            os.replace(staging, dest)
+    finally:
+        staging.unlink(missing_ok=True)  # a byte-identical copy already exists: keep one
+    with _CREATE_LOCK, session_scope(settings.database_url) as session:
+        study = repo.create_study(session, source_name=display_name(path), sha256=sha, size_bytes=size,
+                                  stored_path=dest.relative_to(settings.data_dir).as_posix())
+        if size == 0:
+            # Nothing to score and nothing to deduplicate against: every empty file is its own failure.
+            study.status, study.error, study.duplicate_of_id = Status.FAILED, EMPTY_REASON, None
+        study_id, status = study.id, study.status
+    path.unlink(missing_ok=True)
+    log.info("ingested %s as study %s (%s, %s bytes, sha256 %s)", path.name, study_id, status, size, sha[:12])
+    if status == Status.QUEUED:
+        send(study_id, settings=settings, enqueue=enqueue)
+    return study_id
+
+
+def inbox_files(settings: Settings) -> list[Path]:
+    """Lists candidate files in the inbox, oldest first."""
+    def key(p: Path):
+        try:
+            return (p.stat().st_mtime, p.name)
+        except OSError:
+            return (float("inf"), p.name)
+    try:
+        entries = list(settings.inbox.iterdir())
+    except FileNotFoundError:
+        return []
+    return sorted((p for p in entries if is_candidate(p)), key=key)
+
+
+def scan_inbox(*, settings: Settings, enqueue: Enqueue, stop: threading.Event | None = None) -> list[int]:
+    """Ingests every file already in the inbox (those dropped while the ingester was down); returns study ids."""
+    ids = []
+    for path in inbox_files(settings):
+        try:
+            sid = ingest_file(path, settings=settings, enqueue=enqueue, stop=stop)
+        except Exception:
+            log.exception("could not ingest %s; it stays in the inbox and is retried", path)
+            continue
+        if sid is not None:
+            ids.append(sid)
+    return ids
+
+
+def requeue_stale(*, settings: Settings, enqueue: Enqueue) -> list[int]:
+    """Re-enqueues studies left queued/processing past requeue_after_seconds (a lost broker message)."""
+    cutoff = utcnow() - dt.timedelta(seconds=settings.requeue_after_seconds)
+    with session_scope(settings.database_url) as session:
+        ids = repo.stale_study_ids(session, older_than=cutoff)
+    sent = []
+    for sid in ids:
+        if not send(sid, settings=settings, enqueue=enqueue):
+            break  # broker down: the next sweep tries again
+        sent.append(sid)
+    if sent:
+        log.warning("re-enqueued %d study(ies) with no result after %ss: %s", len(sent),
+                    settings.requeue_after_seconds, sent)
+    return sent
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, ingester: "Ingester"):
+        self.ingester = ingester
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.ingester.submit(os.fsdecode(event.src_path))
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.ingester.submit(os.fsdecode(event.dest_path))
+
+    # A missed "created" (a file opened before we started watching) still shows up as writes or a close.
+    on_modified = on_created
+    on_closed = on_created
+
+
+class Ingester:
+    """Wires watchdog to ingest_file, and runs the start-up scan and the stale re-enqueue sweep."""
+
+    def __init__(self, settings: Settings, enqueue: Enqueue, *, threads: int = 4,
+                 sweep_seconds: float | None = None):
+        self.settings, self.enqueue, self.threads = settings, enqueue, threads
+        # The sweep also rescans the inbox, so a file whose event was lost is still ingested.
+        self.sweep_seconds = sweep_seconds or max(0.5, min(60.0, settings.requeue_after_seconds / 4))
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._inflight: set[Path] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._observer = None
+        self._sweeper: threading.Thread | None = None
+
+    def start(self) -> "Ingester":
+        """Starts watching; files already in the inbox are ingested at once."""
+        self.settings.ensure_dirs()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ingest")
+        self._observer = Observer()
+        self._observer.schedule(_Handler(self), str(self.settings.inbox), recursive=False)
+        self._observer.start()  # before the first scan, so nothing arriving meanwhile is missed
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="ingest-sweep", daemon=True)
+        self._sweeper.start()
+        log.info("watching %s (archive %s)", self.settings.inbox, self.settings.archive_dir)
+        return self
+
+    def submit(self, path: str | Path) -> None:
+        """Queues an inbox file for ingestion unless it is already being handled."""
+        path = Path(path)
+        if self._stop.is_set() or path.parent != self.settings.inbox or not is_candidate(path):
+            return
+        with self._lock:
+            if path in self._inflight:
+                return
+            self._inflight.add(path)
+        try:
+            self._pool.submit(self._ingest, path)
+        except RuntimeError:  # pool shut down while stopping
+            with self._lock:
+                self._inflight.discard(path)
+
+    def _ingest(self, path: Path) -> None:
+        try:
+            ingest_file(path, settings=self.settings, enqueue=self.enqueue, stop=self._stop)
+        except Exception:
+            log.exception("could not ingest %s; it stays in the inbox and is retried", path)
+        finally:
+            with self._lock:
+                self._inflight.discard(path)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.is_set():
+            for path in inbox_files(self.settings):
+                self.submit(path)
+            try:
+                requeue_stale(settings=self.settings, enqueue=self.enqueue)
+            except Exception:
+                log.exception("stale re-enqueue sweep failed; retrying in %ss", self.sweep_seconds)
+            self._stop.wait(self.sweep_seconds)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops watching and waits for files being ingested to finish."""
+        self._stop.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+        if self._sweeper is not None:
+            self._sweeper.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "Ingester":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,52 @@
+"""The Celery application, configured from Chest-Aid settings: `celery -A worker.app worker`."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from celery import Celery
+
+from core.settings import Settings, get_settings
+
+SCORE_STUDY = "worker.tasks.score_study"
+SCORE_BATCH = "worker.tasks.score_batch"
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """Builds the Celery app for these settings (the broker defaults to kombu's SQLite transport)."""
+    settings = settings or get_settings()
+    if settings.broker_url.startswith("sqla+sqlite:///"):
+        # kombu creates the SQLite file but not its folder.
+        Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    app = Celery("chestaid", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        task_default_queue=settings.task_queue,
+        task_serializer="json",
+        accept_content=["json"],
+        # Results live in the database, not in a Celery result backend.
+        task_ignore_result=True,
+        # Ack only after the task ran, and put the message back if the worker process died mid-task,
+        # so a killed worker's study is redelivered (the claim token keeps it scored once).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Only Redis/SQS know a visibility timeout (the SQLAlchemy transport would pass it to create_engine).
+        broker_transport_options=({"visibility_timeout": settings.broker_visibility_timeout}
+                                  if settings.broker_url.startswith(("redis", "rediss", "sentinel", "sqs")) else {}),
+        broker_connection_retry_on_startup=True,
+        # Each pool process loads the model at start-up; on a busy CPU that exceeds the 4 s default.
+        worker_proc_alive_timeout=300,
+        worker_hijack_root_logger=True,
+    )
+    return app
+
+
+celery_app = create_celery()
+app = celery_app  # the name `celery -A worker.app` looks for
+
+
+def make_enqueue(app: Celery = celery_app) -> Callable[[int], None]:
+    """Returns the ingester's enqueue callback: send score_study(study_id) to the broker."""
+    def enqueue(study_id: int) -> None:
+        app.send_task(SCORE_STUDY, args=[int(study_id)])
+    return enqueue

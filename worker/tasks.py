@@ -1,0 +1,173 @@
+"""Celery tasks: thin adapters from study ids to core.pipeline, with the model loaded once per process."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+
+from celery.signals import worker_process_init, worker_ready
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from core import repository as repo
+from core.bundle import META_FILE, Bundle, load_bundle
+from core.db import get_engine, session_scope
+from core.pipeline import process_studies
+from core.settings import Settings, get_settings
+from worker.app import SCORE_BATCH, SCORE_STUDY, celery_app
+
+log = logging.getLogger(__name__)
+
+# Worth retrying: the database or a file system that is briefly away. Anything else is not transient.
+TRANSIENT = (SQLAlchemyError, OSError)
+
+
+def worker_name() -> str:
+    """Names this process for claims and heartbeats."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Model:
+    """The bundle of this worker process, loaded lazily after fork, and its heartbeat thread."""
+
+    def __init__(self):
+        self.bundle: Bundle | None = None
+        self.lock = threading.Lock()
+        self.last_error: str | None = None
+        self.heartbeat: threading.Thread | None = None
+
+    def get(self, settings: Settings) -> Bundle | None:
+        """Returns the loaded bundle, loading it now if needed; None (logged once per cause) if it cannot."""
+        with self.lock:
+            if self.bundle is None:
+                try:
+                    bundle = load_bundle(settings.model_dir)
+                except Exception as exc:
+                    message = (f"no usable model bundle at {settings.model_dir} ({exc}); studies stay queued "
+                               "and are re-enqueued once a bundle exists (set CHESTAID_MODEL_DIR)")
+                    if message != self.last_error:
+                        log.error(message)
+                    self.last_error = message
+                    return None
+                _register_calibration(settings, bundle)
+                self.bundle, self.last_error = bundle, None
+                log.info("loaded model %s (calibration %s) on %s in process %s", bundle.version,
+                         bundle.calibration_version, device_label(bundle), os.getpid())
+                self.heartbeat = threading.Thread(target=_heartbeat_loop, args=(settings, bundle),
+                                                  name="heartbeat", daemon=True)
+                self.heartbeat.start()
+            return self.bundle
+
+
+MODEL = _Model()
+
+
+def device_label(bundle: Bundle) -> str:
+    return f"{bundle.device.type}{'+bf16' if bundle.device.type == 'cpu' and bundle.use_bf16 else ''}"
+
+
+def _register_calibration(settings: Settings, bundle: Bundle) -> None:
+    for attempt in range(2):
+        try:
+            with session_scope(settings.database_url) as session:
+                repo.ensure_bundle_calibration(session, bundle_meta=bundle.meta, source=str(settings.model_dir))
+            return
+        except IntegrityError:
+            if attempt:  # two processes registered the same version at once; the second look finds it
+                raise
+
+
+def _heartbeat_loop(settings: Settings, bundle: Bundle) -> None:
+    name, device = worker_name(), device_label(bundle)
+    while True:
+        try:
+            with session_scope(settings.database_url) as session:
+                repo.heartbeat(session, name=name, model_version=bundle.version, device=device)
+        except Exception as exc:
+            log.warning("heartbeat failed: %s", exc)
+        time.sleep(settings.worker_heartbeat_seconds)
+
+
+@worker_process_init.connect
+def _load_in_child(**_) -> None:
+    """Loads the model in each pool process after fork (the parent never touches torch devices)."""
+    settings = get_settings()
+    get_engine(settings.database_url).dispose(close=False)  # never share connections across fork
+    try:
+        MODEL.get(settings)
+    except Exception:
+        log.exception("model loading failed; tasks will retry it")
+
+
+@worker_ready.connect
+def _warn_missing_bundle(**_) -> None:
+    settings = get_settings()
+    if not (settings.model_dir / META_FILE).is_file():
+        log.error("no model bundle at %s: this worker cannot score until one exists (studies stay queued)",
+                  settings.model_dir)
+
+
+class _SlowBundle:
+    """Fault injection for tests: the delay falls inside the claimed (processing) part of a task."""
+
+    def __init__(self, bundle: Bundle, delay: float):
+        self._bundle, self._delay = bundle, delay
+
+    def __getattr__(self, name):
+        return getattr(self._bundle, name)
+
+    def forward(self, x):
+        time.sleep(self._delay)
+        return self._bundle.forward(x)
+
+
+def run_scoring(study_ids: list[int], *, settings: Settings | None = None) -> dict[int, str]:
+    """Scores studies in one batch in this process; 'waiting-for-model' when no bundle is loaded."""
+    settings = settings or get_settings()
+    bundle = MODEL.get(settings)
+    if bundle is None:
+        log.error("studies %s stay queued: no model loaded", study_ids)
+        return {sid: "waiting-for-model" for sid in study_ids}
+    if settings.debug_task_delay_seconds > 0:
+        bundle = _SlowBundle(bundle, settings.debug_task_delay_seconds)
+    return process_studies(list(study_ids), bundle=bundle, settings=settings, worker=worker_name())
+
+
+def _run(task, study_ids: list[int]) -> dict[int, str]:
+    settings = get_settings()
+    try:
+        outcome = run_scoring(study_ids, settings=settings)
+    except TRANSIENT as exc:
+        retries = task.request.retries
+        countdown = min(60.0, 2.0 ** retries) * (0.5 + random.random())
+        log.warning("transient error scoring %s (%s); retry %d/%d in %.1fs", study_ids, exc, retries + 1,
+                    settings.task_max_retries, countdown)
+        # After the last retry the study is left for the ingester's stale re-enqueue sweep.
+        raise task.retry(exc=exc, countdown=countdown, max_retries=settings.task_max_retries)
+    except Exception as exc:
+        if len(study_ids) > 1:  # one poisoned study must not fail the rest of a batch
+            outcome = {}
+            for sid in study_ids:
+                outcome.update(_run(task, [sid]))
+            return outcome
+        log.exception("study %s could not be scored", study_ids[0])
+        with session_scope(settings.database_url) as session:
+            repo.mark_failed(session, study_id=study_ids[0],
+                             reason=f"could not be scored: {type(exc).__name__}: {exc}")
+        return {study_ids[0]: "failed"}
+    log.info("finished %s", outcome)
+    return outcome
+
+
+@celery_app.task(bind=True, name=SCORE_STUDY)
+def score_study(self, study_id: int) -> dict[int, str]:
+    """Scores one study (idempotent: a finished study is skipped)."""
+    return _run(self, [int(study_id)])
+
+
+@celery_app.task(bind=True, name=SCORE_BATCH)
+def score_batch(self, study_ids: list[int]) -> dict[int, str]:
+    """Scores several studies in one forward pass."""
+    return _run(self, [int(s) for s in study_ids])

@@ -1,4 +1,8 @@
-"""One real browser session: headless Debian Chromium driven by Playwright against uvicorn serving the app."""
+"""Real browser sessions: headless Debian Chromium driven by Playwright against uvicorn serving the app.
+
+A doctor signs in through the login page and records a finding; a nurse sees it read-only; an admin
+changes the threshold on the calibration page.
+"""
 from __future__ import annotations
 
 import datetime as dt
@@ -14,7 +18,8 @@ from core import repository as repo
 from core.db import get_engine, session_scope
 from core.models import utcnow
 from tests.conftest import REQUIRE_SERVICES, make_bundle
-from tests.test_web import build_site
+from tests.test_web import PASSWORD, add_user, build_site
+from web import sessions
 from web.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,6 +44,8 @@ def server(tmp_path):
     # Seed 1: a random bundle whose Grad-CAMs are not all zero, so the overlay has something to show.
     site = build_site(tmp_path / "site", make_bundle(tmp_path / "bundle", seed=1), n_films=2)
     site.settings.refresh_seconds = 1
+    for name, role in (("dr.browser", "doctor"), ("nurse.nina", "nurse"), ("ada", "admin")):
+        add_user(site.settings, name, role)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(site.settings), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="off"))
@@ -55,7 +62,7 @@ def server(tmp_path):
 
 
 @pytest.fixture
-def page():
+def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -63,22 +70,52 @@ def page():
             pytest.fail("playwright is not installed")
         pytest.skip("playwright is not installed")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1280, "height": 900})
-        yield pg
-        browser.close()
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
 
-def test_worklist_study_sliders_and_feedback_in_chromium(server, page):
-    site, base = server
-    problems: list[str] = []
+def new_page(browser, problems: list[str]):
+    """Opens a page in its own context (its own cookies: one person), recording errors and refusals."""
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    return page
+
+
+def sign_in(page, base: str, name: str, url: str = "/") -> None:
+    """Opens a page, is sent to the sign-in page, signs in, and lands on the page asked for."""
+    page.goto(base + url)
+    page.wait_for_url(f"{base}/login**")
+    page.fill("#name", name)
+    page.fill("#password", PASSWORD)
+    page.click("form.login-form button[type=submit]")
+    page.wait_for_url(base + url)
+    assert page.locator("#whoami-name").inner_text() == name
+
+
+def test_worklist_study_sliders_and_feedback_in_chromium(server, browser, monkeypatch):
+    site, base = server
+    problems: list[str] = []
+    page = new_page(browser, problems)
     SHOTS.mkdir(parents=True, exist_ok=True)
 
-    # Worklist: flagged study first, marked in words.
+    # Nobody gets in without signing in; the sign-in page says nothing about who exists.
     page.goto(base + "/")
+    page.wait_for_url(f"{base}/login")
+    page.fill("#name", "dr.browser")
+    page.fill("#password", "not the password")
+    page.click("form.login-form button[type=submit]")
+    assert "Sign-in failed" in page.locator("#login-error").inner_text()
+    problems.remove(f"401 {base}/login")  # the refused sign-in itself
+    page.screenshot(path=str(SHOTS / "login.png"), full_page=True)
+    page.fill("#password", PASSWORD)
+    page.click("form.login-form button[type=submit]")
+    page.wait_for_url(base + "/")
+    assert page.locator("#whoami-role").inner_text().lower() == "doctor"
+
+    # Worklist: flagged study first, marked in words.
     rows = page.locator("#body-unread tr")
     assert rows.first.get_attribute("data-study-id") == str(site.flagged)
     assert "FLAGGED ≥" in rows.first.inner_text()
@@ -134,18 +171,55 @@ def test_worklist_study_sliders_and_feedback_in_chromium(server, page):
     page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
 
     # Feedback through the form: POST, redirect, and the derived outcome on the page.
+    assert page.locator("#reviewer").count() == 0  # the reviewer is whoever signed in
     page.check("input[name=finding][value=pneumonia]")
     page.fill("#comment", "right lower lobe consolidation")
-    page.fill("#reviewer", "Dr Browser")
     page.click("form.feedback-form button[type=submit]")
     page.wait_for_url(f"{base}/studies/{site.flagged}?saved=1#feedback")
     assert page.locator("#outcome").inner_text() == "TP"
-    assert "Dr Browser" in page.locator("#recorded-finding").inner_text()
+    assert "by dr.browser" in page.locator("#recorded-finding").inner_text()
     with session_scope(site.settings.database_url) as s:
         study = repo.get_study(s, study_id=site.flagged)
-        assert (study.finding, study.outcome, study.reviewer) == ("pneumonia", "TP", "Dr Browser")
+        assert (study.finding, study.outcome, study.reviewer) == ("pneumonia", "TP", "dr.browser")
     page.goto(base + "/?view=read")
     assert page.locator("#body-read tr").first.get_attribute("data-study-id") == str(site.flagged)
-    # No CSP violations or script errors anywhere on the way.
-    assert problems == []
+
+    # A nurse sees the worklist and the recorded finding, but no feedback form and no admin pages.
+    nurse = new_page(browser, problems)
+    sign_in(nurse, base, "nurse.nina", f"/studies/{site.flagged}")
+    assert nurse.locator("form.feedback-form").count() == 0 and nurse.locator("input[name=finding]").count() == 0
+    assert "pneumonia" in nurse.locator("#recorded-finding").inner_text()
+    assert nurse.locator('a[href="/admin/calibrations"]').count() == 0
+    nurse.screenshot(path=str(SHOTS / "nurse_study.png"), full_page=True)
+    unscored_page = f"/studies/{site.scored[-1]}"
+    nurse.goto(base + unscored_page)
+    assert "Findings are recorded by doctors" in nurse.locator("#no-finding").inner_text()
+    assert nurse.locator("form.feedback-form").count() == 0
+
+    # An admin sets a new threshold on the calibration page (a form with its CSRF token).
+    admin = new_page(browser, problems)
+    sign_in(admin, base, "ada", "/admin/calibrations")
+    admin.fill("#threshold", "0.999")
+    admin.click("#threshold-panel button[type=submit]")
+    admin.wait_for_url(base + "/admin/calibrations")
+    assert "Threshold changed" in admin.locator("#notice").inner_text()
+    assert admin.locator("#active-threshold").inner_text() == "0.999"
+    admin.screenshot(path=str(SHOTS / "admin_calibrations.png"), full_page=True)
+    # Signing out ends the session: the worklist asks for a sign-in again.
+    admin.click("form.account button[type=submit]")
+    admin.wait_for_url(base + "/login")
+    assert "You are signed out." in admin.locator("#notice").inner_text()
+    admin.goto(base + "/")
+    admin.wait_for_url(base + "/login")
+    # The doctor's read view is still polling: 31 idle minutes later (the server's clock moved, no waiting)
+    # its next poll is refused and the page goes to the sign-in page by itself, to come back after.
+    monkeypatch.setattr(sessions, "now", lambda: time.time() + 31 * 60)
+    page.wait_for_url(f"{base}/login?next=/%3Fview%3Dread", timeout=15_000)
+    assert "without activity" in page.locator("#notice").inner_text()
+    poll = f"401 {base}/fragments/worklist?view=read"
+    assert poll in problems
+    # No CSP violations, script errors or refusals anywhere on the way, but the refused sign-in and poll.
+    refused = "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
+    assert 1 <= problems.count(refused) <= 2
+    assert [p for p in problems if p not in (refused, poll)] == []
 

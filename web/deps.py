@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
@@ -13,12 +13,17 @@ from core.models import Study
 from core.settings import Settings, get_settings
 
 
-def get_app_settings(request: Request) -> Settings:
-    """Returns the settings the app was created with, else the process-wide ones (read on first use)."""
-    settings = request.app.state.settings
+def app_settings(app: Any) -> Settings:
+    """Returns the settings an app was created with, else the process-wide ones (read on first use)."""
+    settings = app.state.settings
     if settings is None:
-        settings = request.app.state.settings = get_settings()
+        settings = app.state.settings = get_settings()
     return settings
+
+
+def get_app_settings(request: Request) -> Settings:
+    """Returns the settings of the app serving this request."""
+    return app_settings(request.app)
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
@@ -42,3 +47,8 @@ def get_study_or_404(study_id: int, session: SessionDep) -> Study:
 
 
 StudyDep = Annotated[Study, Depends(get_study_or_404)]
+
+
+def client_host(request: Request) -> str:
+    """Returns the client address for the audit trail and sign-in throttling."""
+    return request.client.host if request.client and request.client.host else "unknown"

@@ -1,6 +1,8 @@
 """Readiness checks for /healthz: database, broker, and a live worker with a loaded model."""
 from __future__ import annotations
 
+import logging
+
 from kombu import Connection
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
@@ -9,6 +11,7 @@ from sqlalchemy.pool import NullPool
 from core import repository as repo
 from core.settings import Settings
 
+log = logging.getLogger("chestaid.web.health")
 BROKER_TIMEOUT_S = 2.0
 
 
@@ -49,6 +52,14 @@ def check_broker(url: str) -> str:
         return _short(exc)
 
 
+def _public(part: str, result: str) -> str:
+    # /healthz is public: error texts (hosts, ports, user names) go to the server log, not to the caller.
+    if result == "ok":
+        return "ok"
+    log.warning("health check: %s unavailable: %s", part, result)
+    return "unavailable"
+
+
 def health(session: Session, settings: Settings) -> dict:
     """Collects the checks; "ok" only with a reachable DB and broker and a live worker that loaded a model."""
     db = check_db(session)
@@ -56,5 +67,6 @@ def health(session: Session, settings: Settings) -> dict:
     versions = sorted({w.model_version for w in workers if w.model_version})
     broker = check_broker(settings.broker_url)
     ok = db == "ok" and broker == "ok" and bool(versions)
-    return {"status": "ok" if ok else "unavailable", "db": db, "broker": broker, "workers": len(workers),
-            "model_loaded": bool(versions), "model_versions": versions}
+    return {"status": "ok" if ok else "unavailable", "db": _public("database", db),
+            "broker": _public("broker", broker), "workers": len(workers), "model_loaded": bool(versions),
+            "model_versions": versions}

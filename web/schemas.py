@@ -53,19 +53,18 @@ class StudyOut(BaseModel):
 
 
 class FeedbackIn(BaseModel):
-    """A clinician's finding for a scored study."""
+    """A doctor's finding for a scored study; the reviewer recorded is the signed-in user or token owner."""
 
     finding: Literal["pneumonia", "normal"]
     comment: str | None = Field(default=None, max_length=2000)
-    reviewer: str = Field(default="anonymous", min_length=1, max_length=255)
 
 
 class HealthOut(BaseModel):
     """Readiness of the service: every part must be ok for status "ok"."""
 
     status: Literal["ok", "unavailable"]
-    db: str
-    broker: str
+    db: Literal["ok", "unavailable"]
+    broker: Literal["ok", "unavailable"]
     workers: int
     model_loaded: bool
     model_versions: list[str]

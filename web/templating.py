@@ -4,7 +4,11 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from fastapi import Request
 from fastapi.templating import Jinja2Templates
+
+from core.auth import role_allows
+from web.sessions import SCOPE_KEY
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -52,12 +56,19 @@ def score(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def auth_context(request: Request) -> dict:
+    """Gives every page the signed-in user (or None) and the CSRF token its forms and htmx must send."""
+    state = request.scope.get(SCOPE_KEY)
+    return {"current_user": getattr(request.state, "user", None),
+            "csrf_token": state.csrf_token() if state is not None else ""}
+
+
 def make_templates() -> Jinja2Templates:
     """Returns the template renderer with Chest-Aid's filters and globals."""
-    templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+    templates = Jinja2Templates(directory=str(TEMPLATES_DIR), context_processors=[auth_context])
     env = templates.env
     env.filters.update(waited=waited, when=when, clock=clock, score=score)
-    env.globals.update(caveat=CAVEAT, outcome_text=OUTCOME_TEXT)
+    env.globals.update(caveat=CAVEAT, outcome_text=OUTCOME_TEXT, role_allows=role_allows)
     return templates
 
 

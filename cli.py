@@ -132,6 +132,13 @@ def serve() -> None:
     warning = _bundle_warning(settings)
     if warning:
         click.echo(warning, err=True)
+    from core import auth
+    from core.db import session_scope
+
+    with session_scope(settings.database_url) as session:
+        if not auth.has_admin(session):
+            click.echo("No admin account yet. Create the first one (password is prompted) with:\n"
+                       "  chestaid user add NAME --role admin", err=True)
     url = f"http://{settings.web_host}:{settings.web_port}/"
     click.echo(f"Chest-Aid is running.\n  worklist:  {url}\n  inbox:     {settings.inbox}  (drop films here)\n"
                f"  data:      {settings.data_dir}\n  Ctrl-C stops everything.")

@@ -154,6 +154,8 @@ def calibration_list():
 @click.option("--version", "version", default=None, help="Re-activate an already registered calibration.")
 def calibration_activate(bundle, version):
     """Makes a bundle's calibration (or a registered version) active and re-scores existing studies."""
+    from cli_accounts import cli_actor
+    from core import audit
     from core import repository as repo
     from core.bundle import BundleError, read_meta
     from core.db import session_scope
@@ -175,10 +177,13 @@ def calibration_activate(bundle, version):
             version = repo.register_calibration(session, version=spec["version"], model_version=meta["version"],
                                                 kind=spec["kind"], params=spec["params"],
                                                 threshold=float(meta["threshold"]), source=str(bundle)).version
+        previous = repo.active_calibration(session)
         try:
             n = repo.activate_calibration(session, version=version)
         except LookupError as exc:
             raise click.ClickException(str(exc)) from exc
+        audit.record(session, actor=cli_actor(), action=audit.CALIBRATION_ACTIVATED, version=version,
+                     previous=previous.version if previous else None, rescored=n)
     click.echo(f"calibration {version} is active; {n} studies re-scored from their stored logits")
 
 

@@ -13,8 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 @lru_cache
 def get_engine(url: str) -> Engine:
     """Returns the engine for a URL; SQLite gets WAL and a busy timeout so web, ingester and worker share it."""
+    # hide_parameters: a database error's message would otherwise quote the row's values, and a DICOM study's
+    # row holds patient identifiers; those messages reach logs.
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _):
@@ -24,7 +26,7 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 @lru_cache

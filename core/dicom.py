@@ -29,6 +29,10 @@ NON_FRONTAL_VIEWS = {"LL": "lateral", "RL": "lateral", "LAT": "lateral", "LATERA
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
 
+class FilmRefused(ImageRejected):
+    """Raised by the guard: a readable film the model was not built for (listed as refused, not quarantined)."""
+
+
 def is_dicom(data: bytes) -> bool:
     """Tells a DICOM Part 10 file by its preamble, whatever its name."""
     return data[128:132] == b"DICM"
@@ -140,6 +144,23 @@ def read_dicom_info(source: bytes | str | Path) -> DicomInfo:
     return _info(_parse(io.BytesIO(source), header_only=True))
 
 
+def header_identity(path: Path) -> tuple[DicomInfo | None, str | None]:
+    """For ingest: (identity, None) for a usable DICOM header, (None, reason) for an unusable one, (None, None)
+    for a file that is not DICOM at all."""
+    with open(path, "rb") as fh:
+        if not is_dicom(fh.read(132)):
+            return None, None
+    try:
+        info = read_dicom_info(path)
+    except ImageRejected as exc:
+        return None, str(exc)
+    for keyword in ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid"):
+        value = getattr(info, keyword) or ""
+        if len(value) > 64:  # DICOM's limit; a clipped UID could merge distinct instances or studies
+            return None, f"unreadable DICOM header: {keyword} is {len(value)} characters, over the 64 allowed"
+    return info, None
+
+
 def _check_pixel_module(ds: Dataset, max_pixels: int) -> None:
     """Refuses what the pipeline cannot score before any pixel data is decoded."""
     if "PixelData" not in ds:
@@ -225,13 +246,16 @@ def to_8bit(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.clip(np.rint(fraction * 255.0), 0, 255).astype(np.uint8)
 
 
-def read_dicom(data: bytes, *, max_pixels: int) -> tuple[Image.Image, DicomInfo]:
-    """Decodes a single-frame CR/DX chest film to 8-bit grayscale, or raises ImageRejected with the reason."""
+def read_dicom(data: bytes, *, max_pixels: int, guard: bool = True) -> tuple[Image.Image, DicomInfo]:
+    """Decodes a single-frame CR/DX chest film to 8-bit grayscale; raises FilmRefused (guard) or ImageRejected.
+
+    guard=False skips the guard, to show a refused film to people; such pixels must never be scored.
+    """
     ds = _parse(io.BytesIO(data), header_only=False)
     info = _info(ds)
-    reason = info.refusal()
+    reason = info.refusal() if guard else None
     if reason:
-        raise ImageRejected(reason)
+        raise FilmRefused(reason)
     try:
         _check_pixel_module(ds, max_pixels)
     except ImageRejected:

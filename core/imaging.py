@@ -35,15 +35,19 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
     return img.convert("RGB").convert("L")
 
 
-def load_grayscale(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decodes a PNG/JPEG/other raster or a DICOM file (by its preamble) to an oriented 8-bit grayscale image."""
+def load_grayscale(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   guard: bool = True) -> Image.Image:
+    """Decodes a PNG/JPEG/other raster or a DICOM file (by its preamble) to an oriented 8-bit grayscale image.
+
+    guard=False decodes a DICOM film the guard refuses (a lateral, say) for display only, never for scoring.
+    """
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
     if not data:
         raise ImageRejected("empty file (0 bytes)")
     if data[128:132] == b"DICM":
         from core.dicom import read_dicom  # imported here: core.dicom imports ImageRejected from this module
 
-        return read_dicom(data, max_pixels=max_pixels)[0]
+        return read_dicom(data, max_pixels=max_pixels, guard=guard)[0]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

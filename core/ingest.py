@@ -14,11 +14,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from core import repository as repo
 from core.db import session_scope
+from core.dicom import DicomInfo, header_identity
 from core.models import Status, utcnow
 from core.settings import Settings
 
@@ -102,6 +104,13 @@ def _sha256(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def _log_name(path: Path, info: DicomInfo | None, rejected: str | None) -> str:
+    # A DICOM file's name may be built from patient identifiers by the sender; its SOP UID is not one.
+    if info is not None:
+        return f"SOP {info.sop_instance_uid}"
+    return "an unreadable DICOM file" if rejected else path.name
+
+
 def send(study_id: int, *, settings: Settings, enqueue: Enqueue) -> bool:
     """Enqueues a committed study and records it; a broker failure is logged and left to the re-enqueue sweep."""
     try:
@@ -138,25 +147,49 @@ def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop:
             return None  # taken by another ingester, or deleted by the sender
         # Hash the archived bytes themselves, so the name always matches the content kept.
         sha, size = _sha256(staging)
-        folder = settings.quarantine_dir if size == 0 else settings.archive_dir / sha[:2]
+        # A DICOM header is read here, from the archived copy: identity, deduplication and the guard need it.
+        info, rejected = header_identity(staging) if size else (None, None)
+        folder = settings.quarantine_dir if size == 0 or rejected else settings.archive_dir / sha[:2]
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / f"{sha}{suffix}"
         if not dest.exists():
             os.replace(staging, dest)
     finally:
         staging.unlink(missing_ok=True)  # a byte-identical copy already exists: keep one
-    with _CREATE_LOCK, session_scope(settings.database_url) as session:
-        study = repo.create_study(session, source_name=display_name(path), sha256=sha, size_bytes=size,
-                                  stored_path=dest.relative_to(settings.data_dir).as_posix())
-        if size == 0:
-            # Nothing to score and nothing to deduplicate against: every empty file is its own failure.
-            study.status, study.error, study.duplicate_of_id = Status.FAILED, EMPTY_REASON, None
-        study_id, status = study.id, study.status
+    for attempt in range(2):
+        try:
+            study_id, status = _record(settings, path, sha=sha, size=size, dest=dest, info=info, rejected=rejected)
+            break
+        except IntegrityError:
+            # Another ingester committed the same SOP Instance UID between our look-up and insert; the
+            # second try finds it and records this copy as its duplicate.
+            if attempt or info is None:
+                raise
+            log.info("SOP %s was recorded by another ingester meanwhile; retrying", info.sop_instance_uid)
     path.unlink(missing_ok=True)
-    log.info("ingested %s as study %s (%s, %s bytes, sha256 %s)", path.name, study_id, status, size, sha[:12])
+    log.info("ingested %s as study %s (%s, %s bytes, sha256 %s)", _log_name(path, info, rejected), study_id,
+             status, size, sha[:12])
     if status == Status.QUEUED:
         send(study_id, settings=settings, enqueue=enqueue)
     return study_id
+
+
+def _record(settings: Settings, path: Path, *, sha: str, size: int, dest: Path, info: DicomInfo | None,
+            rejected: str | None) -> tuple[int, str]:
+    """Commits the Study row for an archived file; returns (study id, status)."""
+    with _CREATE_LOCK, session_scope(settings.database_url) as session:
+        study = repo.create_study(session, source_name=display_name(path), sha256=sha, size_bytes=size,
+                                  stored_path=dest.relative_to(settings.data_dir).as_posix(),
+                                  identity=info.to_dict() if info is not None else None)
+        if size == 0:
+            # Nothing to score and nothing to deduplicate against: every empty file is its own failure.
+            study.status, study.error, study.duplicate_of_id = Status.FAILED, EMPTY_REASON, None
+        elif rejected and study.status == Status.QUEUED:
+            study.status, study.error = Status.FAILED, rejected  # already in quarantine
+        elif study.status == Status.QUEUED and info is not None and (reason := info.refusal()):
+            # The guard: listed with its reason and kept in the archive, but never sent to the model.
+            study.status, study.error = Status.REFUSED, reason
+        return study.id, study.status
 
 
 def inbox_files(settings: Settings) -> list[Path]:

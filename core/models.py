@@ -43,7 +43,8 @@ class Status:
     SCORED = "scored"
     FAILED = "failed"
     DUPLICATE = "duplicate"
-    TERMINAL = (SCORED, FAILED, DUPLICATE)
+    REFUSED = "refused"  # kept in the archive and listed with the guard's reason, deliberately not scored
+    TERMINAL = (SCORED, FAILED, DUPLICATE, REFUSED)
 
 
 class Study(Base):
@@ -88,6 +89,22 @@ class Study(Base):
     finding_comment: Mapped[str | None] = mapped_column(Text)
     reviewer: Mapped[str | None] = mapped_column(String(255))
     feedback_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # DICOM identity (issue 4), NULL for PNG/JPEG. Only the first copy of an instance holds its SOP Instance
+    # UID (unique); images sharing a Study Instance UID form one worklist row (core.worklist).
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True, unique=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(320))  # DICOM PN form; shown on the study page only
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    patient_age: Mapped[str | None] = mapped_column(String(16))  # DICOM AS form, e.g. "045Y"
+    study_date: Mapped[str | None] = mapped_column(String(16))  # DICOM DA, YYYYMMDD
+    study_time: Mapped[str | None] = mapped_column(String(32))  # DICOM TM, HHMMSS.ffffff
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
 
 
 class Calibration(Base):
@@ -128,7 +145,7 @@ class User(Base):
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64), index=True, unique=True)
     role: Mapped[str] = mapped_column(String(16))
     password_hash: Mapped[str] = mapped_column(String(255))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -146,7 +163,7 @@ class ApiToken(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     label: Mapped[str] = mapped_column(String(255), default="")
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), index=True, unique=True)
     prefix: Mapped[str] = mapped_column(String(16))  # first characters, so an admin can tell tokens apart
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -12,6 +12,7 @@ from core import repository as repo
 from core.bundle import Bundle
 from core.calibration import calibrator_from_dict
 from core.db import session_scope
+from core.dicom import FilmRefused
 from core.gradcam import heatmap_png
 from core.imaging import ImageRejected, load_grayscale
 from core.scoring import score_images
@@ -62,7 +63,8 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
         calibration = ((calibrator_from_dict({"kind": cal.kind, "params": cal.params}), cal.threshold, cal.version)
                        if cal else (bundle.calibrator, bundle.threshold, bundle.calibration_version))
 
-    # Load: a file that cannot be decoded fails alone, with its reason, and goes to quarantine.
+    # Load: a file that cannot be decoded fails alone, with its reason, and goes to quarantine; a film the
+    # guard refuses (ingest already refuses those; this is the backstop) stays archived, listed as refused.
     images, ok, load_ms = [], [], {}
     for c in claimed:
         t0 = time.perf_counter()
@@ -70,6 +72,11 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
             images.append(load_grayscale(settings.data_dir / c.stored_path, max_pixels=settings.max_image_pixels))
             ok.append(c)
             load_ms[c.study_id] = (time.perf_counter() - t0) * 1000
+        except FilmRefused as exc:
+            with session_scope(url) as session:
+                repo.mark_refused(session, study_id=c.study_id, token=c.token, reason=str(exc))
+            log.info("study %s refused: %s", c.study_id, exc)
+            outcome[c.study_id] = "refused"
         except (ImageRejected, FileNotFoundError) as exc:
             reason = str(exc) if isinstance(exc, ImageRejected) else "stored file is missing from the archive"
             with session_scope(url) as session:

@@ -11,19 +11,53 @@ from core.calibration import calibrator_from_dict
 from core.models import Calibration, Status, Study, WorkerHeartbeat, utcnow
 
 FINDINGS = ("pneumonia", "normal")
+# DICOM identity columns of Study; the same names as core.dicom.DicomInfo's fields.
+IDENTITY_FIELDS = ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
+                   "accession_number", "patient_id", "patient_name", "patient_sex", "patient_age", "study_date",
+                   "study_time", "modality", "body_part_examined", "view_position")
+
+
+def _fit_identity(identity: dict | None) -> dict[str, str | None]:
+    """Keeps the identity columns, clipping non-conforming over-long values to the column (UIDs are checked
+    at ingest, so only display fields are ever clipped)."""
+    out = {}
+    for name in IDENTITY_FIELDS:
+        value = (identity or {}).get(name)
+        out[name] = None if value is None else str(value)[:Study.__table__.c[name].type.length]
+    return out
+
+
+def find_by_sop(session: Session, *, sop_instance_uid: str) -> Study | None:
+    """Returns the study that holds a DICOM SOP Instance UID (the first copy received)."""
+    return session.scalars(select(Study).where(Study.sop_instance_uid == sop_instance_uid)).first()
 
 
 def create_study(session: Session, *, source_name: str, sha256: str, size_bytes: int, stored_path: str,
-                 received_at: dt.datetime | None = None) -> Study:
-    """Adds a study; a byte-identical copy of an earlier one is recorded as its duplicate, not queued."""
-    first = session.scalars(select(Study).where(Study.sha256 == sha256, Study.duplicate_of_id.is_(None))
-                            .order_by(Study.id).limit(1)).first()
+                 received_at: dt.datetime | None = None, identity: dict | None = None) -> Study:
+    """Adds a study; a resent DICOM instance or a byte-identical copy of an earlier file is recorded as its
+    duplicate, not queued. `identity` holds the DICOM header fields (IDENTITY_FIELDS) of a DICOM file.
+
+    Only the first copy holds the SOP Instance UID: the unique index on it turns two ingesters racing on one
+    instance into an IntegrityError for the second, which then retries and finds the first.
+    """
+    fields = _fit_identity(identity)
+    sop = fields.pop("sop_instance_uid")
     study = Study(source_name=source_name, sha256=sha256, size_bytes=size_bytes, stored_path=stored_path,
-                  received_at=received_at or utcnow(), status=Status.QUEUED)
+                  received_at=received_at or utcnow(), status=Status.QUEUED, **fields)
+    # The SOP Instance UID first: a resend may be re-encoded (another transfer syntax), so its bytes differ.
+    first = find_by_sop(session, sop_instance_uid=sop) if sop else None
+    if first is not None and first.sha256 != sha256:
+        study.error = f"the same DICOM instance (SOP Instance UID {sop}) as study {first.id}, received again"
+    else:
+        first = first or session.scalars(select(Study).where(Study.sha256 == sha256, Study.duplicate_of_id.is_(None))
+                                         .order_by(Study.id).limit(1)).first()
+        if first is not None:
+            study.error = f"byte-identical duplicate of study {first.id} ({first.source_name})"
     if first is not None:
         study.status = Status.DUPLICATE
         study.duplicate_of_id = first.id
-        study.error = f"byte-identical duplicate of study {first.id} ({first.source_name})"
+    else:
+        study.sop_instance_uid = sop
     session.add(study)
     session.flush()
     return study
@@ -80,6 +114,15 @@ def mark_failed(session: Session, *, study_id: int, reason: str, token: str | No
     return session.execute(update(Study).where(*cond).values(**values)).rowcount == 1
 
 
+def mark_refused(session: Session, *, study_id: int, reason: str, token: str | None = None) -> bool:
+    """Ends a study as refused by the guard: listed with the reason, kept in the archive, never scored."""
+    cond = [Study.id == study_id, Study.status.in_([Status.QUEUED, Status.PROCESSING])]
+    if token is not None:
+        cond.append(Study.claim_token == token)
+    values = {"status": Status.REFUSED, "error": reason, "scored_at": None}
+    return session.execute(update(Study).where(*cond).values(**values)).rowcount == 1
+
+
 def stale_study_ids(session: Session, *, older_than: dt.datetime) -> list[int]:
     """Returns queued/processing studies whose last enqueue is older than the cut-off (lost messages)."""
     return list(session.scalars(select(Study.id).where(
@@ -105,6 +148,43 @@ def record_feedback(session: Session, *, study_id: int, finding: str, comment: s
         positive = finding == "pneumonia"
         study.outcome = ("T" if study.scored_flagged == positive else "F") + ("P" if study.scored_flagged else "N")
     return study
+
+
+def images_of(session: Session, *, studies: list[Study]) -> dict[int, list[Study]]:
+    """Returns, in one query, the images of each study's DICOM study (same Study Instance UID, no duplicates,
+    oldest first) by study id; a PNG/JPEG film or a duplicate is its only image."""
+    uids = {s.study_instance_uid for s in studies if s.study_instance_uid and s.status != Status.DUPLICATE}
+    by_uid: dict[str, list[Study]] = {}
+    if uids:
+        for image in session.scalars(select(Study).where(Study.study_instance_uid.in_(uids),
+                                                         Study.status != Status.DUPLICATE).order_by(Study.id)):
+            by_uid.setdefault(image.study_instance_uid, []).append(image)
+    out = {}
+    for s in studies:
+        group = by_uid.get(s.study_instance_uid) if s.status != Status.DUPLICATE else None
+        out[s.id] = group or [s]
+    return out
+
+
+def group_images(session: Session, *, study_id: int) -> list[Study]:
+    """Returns the images of a study's DICOM study (same Study Instance UID, no duplicates), else the study alone."""
+    study = session.get(Study, study_id)
+    return images_of(session, studies=[study])[study_id] if study is not None else []
+
+
+def record_study_feedback(session: Session, *, study_id: int, finding: str, comment: str | None,
+                          reviewer: str) -> list[Study]:
+    """Records the finding for a worklist row: on every scored image of a DICOM study, else on the study itself.
+
+    A reader reads the study, not one image, so each scored image gets the same finding and keeps its own
+    logit; the feedback export (the recalibration input) thus has one row per scored image.
+    """
+    images = group_images(session, study_id=study_id)
+    if not images:
+        raise LookupError(f"study {study_id} not found")
+    targets = [s for s in images if s.status == Status.SCORED] or [s for s in images if s.id == study_id]
+    return [record_feedback(session, study_id=s.id, finding=finding, comment=comment, reviewer=reviewer)
+            for s in targets]
 
 
 # --- calibrations -------------------------------------------------------------------------------

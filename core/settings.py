@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     session_max_hours: int = 12  # signed out this long after signing in, however active
     force_https_cookies: bool = False  # mark cookies Secure even when the app sees plain HTTP (TLS ends at a proxy)
     max_request_bytes: int = 1_048_576  # larger request bodies are refused with 413
+    # Feedback export (issue 4): patients appear only as HMAC-SHA256(salt, PatientID). An empty salt is
+    # generated once and kept in data_dir/pseudonym_salt (mode 0600); keep it (and back it up) so the keys
+    # of one patient stay the same across exports, and set the same value everywhere exports are compared.
+    pseudonym_salt: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
     def _defaults(self) -> "Settings":

@@ -15,9 +15,13 @@ import pytest
 import uvicorn
 
 from core import repository as repo
+from core.bundle import load_bundle
 from core.db import get_engine, session_scope
+from core.ingest import ingest_file
 from core.models import utcnow
+from core.pipeline import process_studies
 from tests.conftest import REQUIRE_SERVICES, make_bundle
+from tests.dicom_samples import ACCESSION, PATIENT_ID, film, make_dataset, to_bytes
 from tests.test_web import PASSWORD, add_user, build_site
 from web import sessions
 from web.app import create_app
@@ -38,11 +42,21 @@ def free_port() -> int:
 
 @pytest.fixture
 def server(tmp_path):
-    """Serves create_app(settings) with uvicorn in a thread, over a site with two scored films."""
+    """Serves create_app(settings) with uvicorn in a thread, over a site with two scored films and a scored
+    DICOM film (yielded as its study id)."""
     if not CHROMIUM.exists() and not REQUIRE_SERVICES:
         pytest.skip("Debian chromium is not installed at /usr/bin/chromium")
     # Seed 1: a random bundle whose Grad-CAMs are not all zero, so the overlay has something to show.
-    site = build_site(tmp_path / "site", make_bundle(tmp_path / "bundle", seed=1), n_films=2)
+    bundle_dir = make_bundle(tmp_path / "bundle", seed=1)
+    site = build_site(tmp_path / "site", bundle_dir, n_films=2)
+    # A DICOM twin of the lowest-scoring film (same pixels, so unflagged), through the real ingest and pipeline.
+    dicom = make_dataset(film(site.sources[site.scored[-1]]), WindowCenter=128, WindowWidth=256)
+    (site.settings.inbox / "scan.dcm").write_bytes(to_bytes(dicom))
+    enqueued: list[int] = []
+    dicom_id = ingest_file(site.settings.inbox / "scan.dcm", settings=site.settings, enqueue=enqueued.append,
+                           wait=False)
+    assert process_studies(enqueued, bundle=load_bundle(bundle_dir, device="cpu"), settings=site.settings,
+                           worker="test") == {dicom_id: "scored"}
     site.settings.refresh_seconds = 1
     for name, role in (("dr.browser", "doctor"), ("nurse.nina", "nurse"), ("ada", "admin")):
         add_user(site.settings, name, role)
@@ -55,7 +69,7 @@ def server(tmp_path):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield site, f"http://127.0.0.1:{port}"
+    yield site, f"http://127.0.0.1:{port}", dicom_id
     server.should_exit = True
     thread.join(timeout=10)
     get_engine(site.settings.database_url).dispose()
@@ -96,7 +110,7 @@ def sign_in(page, base: str, name: str, url: str = "/") -> None:
 
 
 def test_worklist_study_sliders_and_feedback_in_chromium(server, browser, monkeypatch):
-    site, base = server
+    site, base, dicom_id = server
     problems: list[str] = []
     page = new_page(browser, problems)
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -120,6 +134,11 @@ def test_worklist_study_sliders_and_feedback_in_chromium(server, browser, monkey
     assert rows.first.get_attribute("data-study-id") == str(site.flagged)
     assert "FLAGGED ≥" in rows.first.inner_text()
     assert page.locator(".caveat").is_visible()
+    # A DICOM study's row shows its accession number and patient ID; the patient's name is on its page only.
+    dicom_row = page.locator(f'#body-unread tr[data-study-id="{dicom_id}"]')
+    assert dicom_row.locator("td.accession").inner_text() == ACCESSION
+    assert dicom_row.locator("td.patient-id").inner_text() == PATIENT_ID
+    assert "routine" in dicom_row.inner_text() and "Testperson" not in page.locator("main").inner_text()
 
     # Auto-refresh swaps rows in place: a newly scored study appears without a reload or a scroll jump.
     page.evaluate("window.__marker = 'same page'")
@@ -195,6 +214,12 @@ def test_worklist_study_sliders_and_feedback_in_chromium(server, browser, monkey
     nurse.goto(base + unscored_page)
     assert "Findings are recorded by doctors" in nurse.locator("#no-finding").inner_text()
     assert nurse.locator("form.feedback-form").count() == 0
+    # The DICOM study's page names the patient and shows its film decoded from the archived DICOM.
+    nurse.goto(base + f"/studies/{dicom_id}")
+    assert nurse.locator("#patient-name").inner_text() == "Testperson, Alice"
+    assert nurse.locator("#accession").inner_text() == ACCESSION
+    nurse.wait_for_function("() => document.getElementById('film-image').complete "
+                            "&& document.getElementById('film-image').naturalWidth > 0")
 
     # An admin sets a new threshold on the calibration page (a form with its CSRF token).
     admin = new_page(browser, problems)

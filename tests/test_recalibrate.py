@@ -117,7 +117,17 @@ def test_activate_rescored_studies_and_reactivate_previous(bundle_dir, tmp_path,
         assert [r.flagged for r in rows] == [bool(e >= new_meta["threshold"]) for e in expected]
         assert [r.scored_calibration_version for r in rows] == [original] * 3  # history kept
         export = list(csv.DictReader(feedback_csv(s).splitlines()))
-        assert [float(r["logit"]) for r in export] == logits and "patient" not in ",".join(export[0])
+        assert [float(r["logit"]) for r in export] == logits
+        # Patients appear only as the salted pseudonymous key (empty for these non-DICOM films).
+        assert [k for k in export[0] if "patient" in k] == ["patient_key"]
+        assert [r["patient_key"] for r in export] == [""] * 3
+
+    from core.models import AuditEvent
+    with session_scope(db) as s:
+        events = s.query(AuditEvent).filter_by(action="calibration_activated").all()
+        assert [(e.detail["version"], e.detail["previous"], e.detail["rescored"]) for e in events] == [
+            (new_meta["calibration"]["version"], original, 3)]
+        assert events[0].actor.startswith("cli:")
 
     listing = runner.invoke(main, ["calibration", "list"])
     assert f"* {new_meta['calibration']['version']}" in listing.output

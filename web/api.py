@@ -6,6 +6,7 @@ POST, the X-CSRF-Token header).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from typing import Literal
 
@@ -17,6 +18,7 @@ from core import repository as repo
 from core import worklist as wl
 from core.feedback import feedback_csv
 from core.models import Status, utcnow
+from core.pseudonym import load_salt
 from web import health as health_checks
 from web.access import ADMIN, DOCTOR_POST, NURSE, PUBLIC, Admin, Doctor
 from web.deps import SessionDep, SettingsDep, StudyDep, client_host
@@ -24,7 +26,7 @@ from web.schemas import FeedbackIn, HealthOut, StudyOut
 
 router = APIRouter()
 
-SectionName = Literal["unread", "in_progress", "failed", "duplicates", "read"]
+SectionName = Literal["unread", "in_progress", "refused", "failed", "duplicates", "read"]
 
 
 @router.get("/api/studies", response_model=list[StudyOut], tags=["studies"], dependencies=NURSE)
@@ -32,50 +34,54 @@ def list_studies(session: SessionDep, settings: SettingsDep,
                  section: SectionName | None = Query(default=None, description="one section only"),
                  limit: int | None = Query(default=None, ge=1, description="at most this many per section")
                  ) -> list[StudyOut]:
-    """Lists studies in worklist order: unread by priority, then in progress, failed, duplicates, read."""
+    """Lists worklist rows in order: unread by priority, then in progress, refused, failed, duplicates, read.
+    A DICOM study is one row (its highest-scoring image), with all its images."""
     names = [section] if section else list(wl.SECTIONS)
     now = utcnow()
-    out = []
-    for name in names:
-        for entry in wl.section(session, name, max_wait_minutes=settings.max_wait_minutes, now=now,
-                                limit=limit).entries:
-            out.append(StudyOut.from_entry(entry, name))
-    return out
+    rows = [(name, entry) for name in names
+            for entry in wl.section(session, name, max_wait_minutes=settings.max_wait_minutes, now=now,
+                                    limit=limit).entries]
+    images = repo.images_of(session, studies=[entry.study for _, entry in rows])
+    return [StudyOut.from_entry(entry, name, images[entry.study.id]) for name, entry in rows]
 
 
 @router.get("/api/studies/{study_id:int}", response_model=StudyOut, tags=["studies"], dependencies=NURSE)
-def get_study(study: StudyDep, settings: SettingsDep) -> StudyOut:
-    """Returns one study."""
-    entry = wl.entry_for(study, max_wait_minutes=settings.max_wait_minutes)
-    return StudyOut.from_entry(entry, wl.section_of(study))
+def get_study(study: StudyDep, session: SessionDep, settings: SettingsDep) -> StudyOut:
+    """Returns one study, as its worklist row shows it (its own values), with all images of its DICOM study."""
+    entry = wl.row_for(session, study_id=study.id, max_wait_minutes=settings.max_wait_minutes)
+    entry = dataclasses.replace(entry, study=study)  # this study's own values, whichever image leads its row
+    return StudyOut.from_entry(entry, wl.section_of(study), repo.group_images(session, study_id=study.id))
 
 
 @router.post("/api/studies/{study_id:int}/feedback", response_model=StudyOut, tags=["studies"],
              dependencies=DOCTOR_POST)
 def post_feedback(request: Request, user: Doctor, study: StudyDep, body: FeedbackIn, session: SessionDep,
                   settings: SettingsDep) -> StudyOut:
-    """Records the finding for a scored study (doctors); the reviewer is the caller. The response carries
-    the derived outcome (TP/FP/TN/FN)."""
+    """Records the finding for a scored study (doctors); the reviewer is the caller. For a DICOM study the
+    finding is recorded on each of its scored images. The response carries the derived outcome (TP/FP/TN/FN)."""
     if study.status != Status.SCORED:
         raise HTTPException(status_code=409, detail=f"study {study.id} is {study.status}, not scored; "
                                                     "feedback can only be recorded for scored studies")
     record_finding(session, request, user, study, finding=body.finding, comment=body.comment)
     session.commit()
-    return get_study(study, settings)
+    return get_study(study, session, settings)
 
 
 def record_finding(session, request: Request, user, study, *, finding: str, comment: str | None) -> None:
-    """Records a finding by the signed-in user and audits it (recorded, or changed with old and new)."""
-    old = study.finding
-    repo.record_feedback(session, study_id=study.id, finding=finding, comment=comment, reviewer=user.name)
-    audit.record_finding(session, actor=user.name, role=user.role, client=client_host(request), study_id=study.id,
-                         old=old, new=finding)
+    """Records a finding by the signed-in user on the study's worklist row (each scored image of a DICOM
+    study) and audits it per image (recorded, or changed with old and new)."""
+    old = {s.id: s.finding for s in repo.group_images(session, study_id=study.id)}
+    for image in repo.record_study_feedback(session, study_id=study.id, finding=finding, comment=comment,
+                                            reviewer=user.name):
+        audit.record_finding(session, actor=user.name, role=user.role, client=client_host(request),
+                             study_id=image.id, old=old.get(image.id), new=finding)
 
 
 @router.get("/api/feedback.csv", tags=["export"], dependencies=ADMIN)
-def export_feedback(request: Request, user: Admin, session: SessionDep) -> Response:
-    """Downloads every recorded finding as CSV (admins; the input of `chestaid recalibrate`); no patient names."""
-    text = feedback_csv(session)
+def export_feedback(request: Request, user: Admin, session: SessionDep, settings: SettingsDep) -> Response:
+    """Downloads every recorded finding as CSV (admins; the input of `chestaid recalibrate`); no patient
+    identifiers, only a salted pseudonymous patient_key."""
+    text = feedback_csv(session, salt=load_salt(settings))
     rows = sum(1 for _ in csv.reader(io.StringIO(text))) - 1  # comments may span lines
     audit.record(session, actor=user.name, role=user.role, client=client_host(request),
                  action=audit.EXPORT_DOWNLOADED, rows=rows)

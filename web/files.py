@@ -48,7 +48,9 @@ def film_png(settings: Settings, study: Study) -> bytes:
         raise NotServable(f"study {study.id} failed: {study.error}")
     path = resolve_data_path(settings, study.stored_path)
     try:
-        return encode_png(load_grayscale(path, max_pixels=settings.max_image_pixels))
+        # A refused film (a lateral, say) is shown for reference; it is never scored.
+        return encode_png(load_grayscale(path, max_pixels=settings.max_image_pixels,
+                                         guard=study.status != Status.REFUSED))
     except ImageRejected as exc:
         raise NotServable(f"film cannot be displayed: {exc}", status_code=422) from exc
 

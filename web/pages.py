@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from core import repository as repo
 from core import worklist as wl
 from core.models import Status, utcnow
 from core.repository import FINDINGS
@@ -21,9 +22,10 @@ from web.templating import templates
 router = APIRouter(default_response_class=HTMLResponse)
 
 View = Literal["unread", "read"]
-VIEW_SECTIONS = {"unread": ("unread", "in_progress", "failed", "duplicates"), "read": ("read",)}
+VIEW_SECTIONS = {"unread": ("unread", "in_progress", "refused", "failed", "duplicates"), "read": ("read",)}
 # Unread and in-progress studies are the work itself and are never cut off; the archives are.
-SECTION_LIMIT = {"unread": None, "in_progress": None, "failed": 200, "duplicates": 200, "read": 200}
+SECTION_LIMIT = {"unread": None, "in_progress": None, "refused": 200, "failed": 200, "duplicates": 200,
+                 "read": 200}
 IMAGE_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
 
 
@@ -58,10 +60,14 @@ def worklist_fragment(request: Request, session: SessionDep, settings: SettingsD
 
 
 def study_context(session, settings, study, **extra) -> dict:
-    entry = wl.entry_for(study, max_wait_minutes=settings.max_wait_minutes)
+    # The row this study is listed in (its DICOM study's, for a scored image), and every image of that study.
+    entry = wl.row_for(session, study_id=study.id, max_wait_minutes=settings.max_wait_minutes)
+    images = repo.group_images(session, study_id=study.id)
     strip = wl.status_strip(session, worker_alive_seconds=settings.worker_alive_seconds,
                             max_wait_minutes=settings.max_wait_minutes)
-    return {"study": study, "entry": entry, "section": wl.section_of(study), "strip": strip,
+    return {"study": study, "entry": entry, "section": wl.section_of(study), "strip": strip, "images": images,
+            "scored_images": [i for i in images if i.status == Status.SCORED],
+            "study_risk": max((i.score for i in images if i.status == Status.SCORED), default=None),
             "refresh_seconds": settings.refresh_seconds, "max_wait_minutes": settings.max_wait_minutes,
             "findings": FINDINGS, "form": {"finding": None, "comment": ""}, "error": None,
             **extra}

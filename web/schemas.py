@@ -6,11 +6,48 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from core.worklist import Entry
+from core.models import Study
+from core.worklist import Entry, section_of
+
+
+def _image_url(s: Study) -> str | None:
+    return f"/studies/{s.id}/image" if s.status != "failed" else None
+
+
+def _heatmap_url(s: Study) -> str | None:
+    return f"/studies/{s.id}/heatmap.png" if s.status == "scored" and s.heatmap_path else None
+
+
+class ImageOut(BaseModel):
+    """One image of a DICOM study (or the film itself, for a PNG/JPEG study)."""
+
+    id: int
+    status: str
+    section: str
+    score: float | None
+    flagged: bool | None
+    error: str | None
+    modality: str | None
+    view_position: str | None
+    sop_instance_uid: str | None
+    study_url: str
+    image_url: str | None
+    heatmap_url: str | None
+
+    @classmethod
+    def from_study(cls, s: Study) -> "ImageOut":
+        return cls(id=s.id, status=s.status, section=section_of(s), score=s.score, flagged=s.flagged, error=s.error,
+                   modality=s.modality, view_position=s.view_position, sop_instance_uid=s.sop_instance_uid,
+                   study_url=f"/studies/{s.id}", image_url=_image_url(s), heatmap_url=_heatmap_url(s))
 
 
 class StudyOut(BaseModel):
-    """A study as scripts see it; score/threshold/flagged are the displayed (active-calibration) values."""
+    """A study as scripts see it; score/threshold/flagged are the displayed (active-calibration) values.
+
+    A DICOM study is one worklist row led by its highest-scoring image (whose score is the row's risk);
+    `images` lists every image of that DICOM study. Patient names are not served here; only the study page
+    shows them.
+    """
 
     id: int
     source_name: str
@@ -37,19 +74,33 @@ class StudyOut(BaseModel):
     feedback_at: dt.datetime | None
     image_url: str | None
     heatmap_url: str | None
+    accession_number: str | None
+    patient_id: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+    modality: str | None
+    body_part_examined: str | None
+    view_position: str | None
+    study_date: str | None
+    study_time: str | None
+    images: list[ImageOut]
 
     @classmethod
-    def from_entry(cls, entry: Entry, section: str) -> "StudyOut":
+    def from_entry(cls, entry: Entry, section: str, images: list[Study] | None = None) -> "StudyOut":
         s = entry.study
-        scored = s.status == "scored"
         return cls(id=s.id, source_name=s.source_name, status=s.status, section=section, received_at=s.received_at,
                    scored_at=s.scored_at, waiting_seconds=round(entry.waiting_seconds, 3), overdue=entry.overdue,
                    score=s.score, threshold=s.threshold, flagged=s.flagged, logit=s.logit,
                    model_version=s.model_version, calibration_version=s.calibration_version, error=s.error,
                    duplicate_of_id=s.duplicate_of_id, width=s.width, height=s.height, finding=s.finding,
                    outcome=s.outcome, reviewer=s.reviewer, comment=s.finding_comment, feedback_at=s.feedback_at,
-                   image_url=f"/studies/{s.id}/image" if s.status != "failed" else None,
-                   heatmap_url=f"/studies/{s.id}/heatmap.png" if scored and s.heatmap_path else None)
+                   image_url=_image_url(s), heatmap_url=_heatmap_url(s), accession_number=s.accession_number,
+                   patient_id=s.patient_id, study_instance_uid=s.study_instance_uid,
+                   series_instance_uid=s.series_instance_uid, sop_instance_uid=s.sop_instance_uid,
+                   modality=s.modality, body_part_examined=s.body_part_examined, view_position=s.view_position,
+                   study_date=s.study_date, study_time=s.study_time,
+                   images=[ImageOut.from_study(i) for i in (images if images is not None else entry.images)])
 
 
 class FeedbackIn(BaseModel):

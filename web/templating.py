@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
 from core.auth import role_allows
+from core.dicom import DicomInfo
 from web.sessions import SCOPE_KEY
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -56,6 +57,24 @@ def score(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def person_name(value: str | None) -> str:
+    """Formats a DICOM person name ("Family^Given^Middle^Prefix^Suffix") as "Family, Given Middle"."""
+    if not value:
+        return "–"
+    parts = [p.strip() for p in value.split("=")[0].split("^")]
+    family, rest = parts[0], " ".join(p for p in parts[1:4] if p)
+    return f"{family}, {rest}" if family and rest else family or rest or "–"
+
+
+def study_when(study) -> str:
+    """Formats a study's DICOM StudyDate/StudyTime ("2024-01-02 10:15:30"), or the raw values if malformed."""
+    info = DicomInfo(study_date=study.study_date, study_time=study.study_time)
+    moment = info.study_datetime()
+    if moment is None:
+        return " ".join(v for v in (study.study_date, study.study_time) if v) or "–"
+    return moment.strftime("%Y-%m-%d %H:%M:%S" if study.study_time else "%Y-%m-%d")
+
+
 def auth_context(request: Request) -> dict:
     """Gives every page the signed-in user (or None) and the CSRF token its forms and htmx must send."""
     state = request.scope.get(SCOPE_KEY)
@@ -67,7 +86,8 @@ def make_templates() -> Jinja2Templates:
     """Returns the template renderer with Chest-Aid's filters and globals."""
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR), context_processors=[auth_context])
     env = templates.env
-    env.filters.update(waited=waited, when=when, clock=clock, score=score)
+    env.filters.update(waited=waited, when=when, clock=clock, score=score, person_name=person_name,
+                       study_when=study_when)
     env.globals.update(caveat=CAVEAT, outcome_text=OUTCOME_TEXT, role_allows=role_allows)
     return templates
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,24 @@ from pydicom import dcmread, uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from core.dicom_listener import OUT_OF_RESOURCES, STORAGE_CLASSES, start_listener, stop_listener
+from core.dicom_listener import (
+    OUT_OF_RESOURCES,
+    STORAGE_CLASSES,
+    start_listener,
+    stop_listener,
+)
 from core.imaging import load_grayscale
 from core.settings import Settings
 from tests.conftest import fixture_images
-from tests.dicom_samples import ACCESSION, PATIENT_ID, PATIENT_NAME, compressed, film, make_dataset, to_bytes
+from tests.dicom_samples import (
+    ACCESSION,
+    PATIENT_ID,
+    PATIENT_NAME,
+    compressed,
+    film,
+    make_dataset,
+    to_bytes,
+)
 
 SCU_SYNTAXES = [uid.ExplicitVRLittleEndian, uid.JPEG2000Lossless, uid.RLELossless]
 
@@ -203,11 +217,13 @@ def test_cli_dicom_listen_receives_into_the_inbox(tmp_path):
     try:
         ae = scu()
         ae.connection_timeout = 1
-        for _ in range(60):  # wait for the process to listen
+        deadline = time.monotonic() + 120  # wait for the process to listen (slow to start on a busy CI box)
+        while True:
             assoc = ae.associate("127.0.0.1", port, ae_title="CHESTAID")
-            if assoc.is_established:
+            if assoc.is_established or time.monotonic() > deadline:
                 break
             assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.5)
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0
         ds = instances(1)[0]

@@ -10,6 +10,8 @@ import torch
 from core.bundle import FORMAT_VERSION, save_weights, write_meta
 from core.model import ARCHITECTURE, build_network
 
+pytest_plugins = ["tests.migrated_db"]  # db_url / pg_template: a migrated database per test, both backends
+
 FIXTURES = Path(__file__).parent / "fixtures"
 POSTGRES_URL = os.environ.get("CHESTAID_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("CHESTAID_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

@@ -2,7 +2,7 @@
 
 audit_events refuses DELETE and TRUNCATE, so Postgres tests cannot empty tables between tests; instead each
 test gets its own database, copied from a template migrated once per module (CREATE DATABASE … TEMPLATE).
-Import the fixtures into a test module: `from tests.migrated_db import db_url, pg_template  # noqa: F401`.
+tests/conftest.py registers this module as a plugin, so every test module can ask for `db_url`.
 """
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ from core import audit, auth
 from core.db import session_scope
 from core.models import AuditEvent, LoginAttempt, User
 from core.settings import Settings, get_settings
-from tests.migrated_db import db_url, pg_template  # noqa: F401
 
 PW = "correct horse battery"
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)

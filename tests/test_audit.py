@@ -14,7 +14,6 @@ from core import audit, auth
 from core.db import get_engine, session_scope
 from core.models import AuditEvent, LoginAttempt
 from core.settings import Settings
-from tests.migrated_db import db_url, pg_template  # noqa: F401
 
 T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.timezone.utc)
 PW = "a long enough secret"

@@ -35,7 +35,6 @@ from core.pseudonym import SALT_FILE, load_salt, patient_key
 from core.settings import Settings
 from tests.conftest import fixture_images
 from tests.dicom_samples import ACCESSION, PATIENT_ID, PATIENT_NAME, compressed, film, make_dataset, to_bytes
-from tests.migrated_db import db_url, pg_template  # noqa: F401
 from tests.services import wait_for
 from tests.test_dicom_listener import instances, send
 
@@ -49,7 +48,7 @@ def bundle(bundle_dir):
 
 
 @pytest.fixture
-def settings(tmp_path, db_url) -> Settings:  # noqa: F811
+def settings(tmp_path, db_url) -> Settings:
     s = Settings(data_dir=tmp_path / "var", inbox=tmp_path / "inbox", database_url=db_url, stable_seconds=0.2,
                  pseudonym_salt=SALT)
     s.ensure_dirs()
@@ -328,7 +327,7 @@ def test_images_of_one_study_are_one_worklist_row_risk_is_the_highest_frontal_sc
     assert sorted(labels) == [0, 1, 1] and len(logits) == 3
 
 
-def test_worklist_groups_in_sql_by_highest_score_and_any_flag(db_url):  # noqa: F811
+def test_worklist_groups_in_sql_by_highest_score_and_any_flag(db_url):
     """Reading order over groups, decided in SQL: a study's risk is its best image's; one flagged image flags it."""
     now = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
     uid_a = "1.2.826.0.1.3680043.8.498.1"
@@ -451,7 +450,7 @@ def test_c_store_to_inbox_to_ingester_to_scored(settings, bundle, caplog):
 # --- the migration ----------------------------------------------------------------------------------------
 
 
-def test_migration_0003_downgrades_and_upgrades(db_url):  # noqa: F811
+def test_migration_0003_downgrades_and_upgrades(db_url):
     cfg = alembic_config(db_url)
     with session_scope(db_url) as session:
         study = repo.create_study(session, source_name="lat.dcm", sha256="f" * 64, size_bytes=1, stored_path="x",

@@ -11,26 +11,16 @@ from PIL import Image
 from sqlalchemy import select
 
 from core.bundle import load_bundle
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from core.ingest import Ingester, ingest_file
 from core.models import Status, Study
 from core.pipeline import process_studies
 from core.settings import Settings
 from tests.conftest import fixture_images
-from tests.services import fresh_postgres_database, fresh_sqlite_database, wait_for
+from tests.services import wait_for
 
 MAX_PIXELS = 200_000
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        url = fresh_sqlite_database(tmp_path / "db")
-        yield url
-        get_engine(url).dispose()
-    else:
-        with fresh_postgres_database(request.getfixturevalue("postgres_url")) as url:
-            yield url
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,13 @@ import pytest
 from sqlalchemy import select, update
 
 from core import repository as repo
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from core.ingest import Ingester, ingest_file, requeue_stale, scan_inbox
 from core.models import Status, Study, utcnow
 from core.settings import Settings
 from tests.conftest import fixture_images
-from tests.services import fresh_postgres_database, fresh_sqlite_database, wait_for
+from tests.services import wait_for
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        url = fresh_sqlite_database(tmp_path / "db")
-        yield url
-        get_engine(url).dispose()
-    else:
-        with fresh_postgres_database(request.getfixturevalue("postgres_url")) as url:
-            yield url
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from sqlalchemy import inspect
 from core.db import get_engine
 from core.migrate import alembic_config
 from core.models import Base
-from tests.migrated_db import db_url, pg_template  # noqa: F401  (fixtures)
 
 
 def schema_drift(url: str) -> list:
@@ -15,7 +14,7 @@ def schema_drift(url: str) -> list:
         return compare_metadata(MigrationContext.configure(conn), Base.metadata)
 
 
-def test_migrations_match_models_and_round_trip(db_url):  # noqa: F811
+def test_migrations_match_models_and_round_trip(db_url):
     assert schema_drift(db_url) == []
     cfg = alembic_config(db_url)
     command.downgrade(cfg, "base")

@@ -1,6 +1,5 @@
 """Local recalibration from a feedback export, its refusals, and activating calibrations."""
 import csv
-import json
 
 import numpy as np
 import pytest

@@ -5,49 +5,15 @@ import datetime as dt
 import uuid
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from core import repository as repo
 from core import worklist as wl
-from core.db import get_engine, session_scope
-from core.migrate import upgrade
+from core.db import session_scope
 from core.models import Study
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 MAX_WAIT = 60  # minutes
-
-
-@pytest.fixture(scope="module")
-def postgres_db(postgres_url):
-    """A fresh Postgres database for this module, created and dropped around it."""
-    name = f"chestaid_worklist_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        yield url
-    finally:
-        get_engine(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    """A migrated, empty database on each backend (Postgres: tables emptied between tests)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'wl.db'}"
-        upgrade(url)
-        yield url
-        get_engine(url).dispose()
-        return
-    url = request.getfixturevalue("postgres_db")
-    upgrade(url)
-    yield url
-    with get_engine(url).begin() as conn:
-        conn.execute(text("TRUNCATE studies, calibrations, worker_heartbeats RESTART IDENTITY CASCADE"))
 
 
 def add_scored(session, name: str, *, score: float, minutes_ago: float, threshold: float = 0.5,

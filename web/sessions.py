@@ -6,9 +6,7 @@ signed (itsdangerous, HMAC) so it cannot be forged; each request re-checks the u
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +16,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.secretfile import load_or_create
 from core.settings import Settings
 
 log = logging.getLogger("chestaid.web.sessions")
@@ -35,37 +34,16 @@ def now() -> float:
     return time.time()
 
 
-def _read_secret(path) -> str:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("%s is readable by other users; restrict it with chmod 600", path)
-    value = path.read_text(encoding="utf-8").strip()
-    if len(value) < 32:
-        raise RuntimeError(f"{path} holds no usable session secret; delete it to generate a new one")
-    return value
-
-
 def load_secret(settings: Settings) -> str:
-    """Returns CHESTAID_SESSION_SECRET, else the secret kept under data_dir (created once, mode 0600)."""
+    """Returns CHESTAID_SESSION_SECRET, else the secret kept under data_dir (created once, mode 0600).
+
+    Every web process on one machine reads the same file, so a session signed by one is valid in all.
+    """
     configured = settings.session_secret.get_secret_value()
     if configured:
         return configured
-    path = settings.data_dir / SECRET_FILE
-    if not path.exists():
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(secrets.token_urlsafe(48))
-        try:
-            # Linking is atomic: when several web processes start at once, the first one's secret wins
-            # and the others read it, so a session signed by one is valid in all.
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    return _read_secret(path)
+    return load_or_create(settings.data_dir / SECRET_FILE, what="session secret",
+                          lost_hint="delete it to generate a new one", nbytes=48)
 
 
 class SessionState:

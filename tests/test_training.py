@@ -100,3 +100,22 @@ def test_evaluate_writes_reports_on_a_labelled_folder(bundle_dir, tmp_path):
     assert "not an operating point" in report["threshold_for_target_sensitivity_on_this_data"]["note"]
     for name in ("evaluation.md", "roc.png", "pr.png", "reliability.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_init_from_a_local_weights_file_and_clear_errors(data_root, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from core.model import InitWeightsError, build_network
+
+    torch.manual_seed(3)
+    source = build_network("none")
+    path = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    net = build_network(str(path))
+    assert torch.equal(net.features.conv0.weight, source.features.conv0.weight)
+    with pytest.raises(InitWeightsError, match="not found"):
+        build_network(str(tmp_path / "missing.safetensors"))
+    result = CliRunner().invoke(main, ["train", "--init", str(tmp_path / "missing.safetensors"), "--limit", "8",
+                                       "--run-dir", str(tmp_path / "run"), "--data", str(data_root)])
+    assert result.exit_code == 1 and "initial weights file not found" in result.output

@@ -69,15 +69,22 @@ def make_batch(arrays: np.ndarray, idx, res: int, augment: bool) -> torch.Tensor
     return normalize(x)
 
 
+def autocast(device: torch.device, enabled: bool = True):
+    """Mixed precision: bf16 autocast on CPU, fp16 AMP on CUDA."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
 @torch.no_grad()
 def predict_logits(net, arrays: np.ndarray, res: int = INPUT_SIZE, bf16: bool = True, bs: int = 64) -> np.ndarray:
-    """Returns the logits of the network on uint8 images, in eval mode."""
+    """Returns the logits of the network on uint8 images, in eval mode (mixed precision when bf16)."""
     net.eval()
+    device = next(net.parameters()).device
     out = []
     for i in range(0, len(arrays), bs):
-        x = make_batch(arrays, slice(i, i + bs), res, augment=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cpu"):
-            out.append(net(x).float().squeeze(1))
+        x = make_batch(arrays, slice(i, i + bs), res, augment=False).to(device)
+        with autocast(device, enabled=bf16):
+            out.append(net(x).float().squeeze(1).cpu())
     return torch.cat(out).numpy()
 
 
@@ -109,21 +116,23 @@ def main(cfg: TrainConfig) -> Path:
     x_val = cache_images(val_items, out / "cache_val.npy")
 
     # 3. Model, loss weighted so both classes weigh the same, optimiser, plateau schedule.
-    net = build_network(cfg.init).to(memory_format=torch.channels_last)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = build_network(cfg.init).to(device, memory_format=torch.channels_last)
     pos_weight = float((y_train == 0).sum() / max((y_train == 1).sum(), 1))
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")  # fp16 needs loss scaling
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=1)
     state = {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "phase_start": 0}
 
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():  # resume
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        saved = torch.load(ckpt, map_location=device, weights_only=True)
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         state = saved["state"]
-        torch.set_rng_state(saved["rng"])
+        torch.set_rng_state(saved["rng"].cpu())
         print(f"resumed after epoch {state['epoch']}")
 
     # 4. Epochs, phase by phase; early stopping and "best" restart with each resolution.
@@ -150,14 +159,15 @@ def main(cfg: TrainConfig) -> Path:
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{len(plan)} @{res}px", leave=False)
         for b in bar:
             idx = np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
-            x = make_batch(x_train, idx, res, augment=True)
-            y = torch.from_numpy(y_train[idx]).float()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = make_batch(x_train, idx, res, augment=True).to(device, non_blocking=True)
+            y = torch.from_numpy(y_train[idx]).float().to(device)
+            with autocast(device):
                 logits = net(x).squeeze(1)
             loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.4f}")
 

@@ -62,7 +62,7 @@ def ingest() -> None:
     import signal
     import threading
 
-    from core.ingest import Ingester
+    from core.watcher import Ingester
     from worker.app import make_enqueue
 
     _logging()

@@ -1,4 +1,7 @@
-"""Folder ingester: a file dropped into the inbox becomes an archived, committed, then enqueued study."""
+"""Folder ingestion: a file dropped into the inbox becomes an archived, committed, then enqueued study.
+
+Plain functions that tests call directly; core.watcher wires them to watchdog.
+"""
 from __future__ import annotations
 
 import datetime as dt
@@ -11,12 +14,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from core import repository as repo
 from core.db import session_scope
@@ -234,99 +234,3 @@ def requeue_stale(*, settings: Settings, enqueue: Enqueue) -> list[int]:
         log.warning("re-enqueued %d study(ies) with no result after %ss: %s", len(sent),
                     settings.requeue_after_seconds, sent)
     return sent
-
-
-class _Handler(FileSystemEventHandler):
-    def __init__(self, ingester: "Ingester"):
-        self.ingester = ingester
-
-    def on_created(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self.ingester.submit(os.fsdecode(event.src_path))
-
-    def on_moved(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self.ingester.submit(os.fsdecode(event.dest_path))
-
-    # A missed "created" (a file opened before we started watching) still shows up as writes or a close.
-    on_modified = on_created
-    on_closed = on_created
-
-
-class Ingester:
-    """Wires watchdog to ingest_file, and runs the start-up scan and the stale re-enqueue sweep."""
-
-    def __init__(self, settings: Settings, enqueue: Enqueue, *, threads: int = 4,
-                 sweep_seconds: float | None = None):
-        self.settings, self.enqueue, self.threads = settings, enqueue, threads
-        # The sweep also rescans the inbox, so a file whose event was lost is still ingested.
-        self.sweep_seconds = sweep_seconds or max(0.5, min(60.0, settings.requeue_after_seconds / 4))
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._inflight: set[Path] = set()
-        self._pool: ThreadPoolExecutor | None = None
-        self._observer = None
-        self._sweeper: threading.Thread | None = None
-
-    def start(self) -> "Ingester":
-        """Starts watching; files already in the inbox are ingested at once."""
-        self.settings.ensure_dirs()
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ingest")
-        self._observer = Observer()
-        self._observer.schedule(_Handler(self), str(self.settings.inbox), recursive=False)
-        self._observer.start()  # before the first scan, so nothing arriving meanwhile is missed
-        self._sweeper = threading.Thread(target=self._sweep_loop, name="ingest-sweep", daemon=True)
-        self._sweeper.start()
-        log.info("watching %s (archive %s)", self.settings.inbox, self.settings.archive_dir)
-        return self
-
-    def submit(self, path: str | Path) -> None:
-        """Queues an inbox file for ingestion unless it is already being handled."""
-        path = Path(path)
-        if self._stop.is_set() or path.parent != self.settings.inbox or not is_candidate(path):
-            return
-        with self._lock:
-            if path in self._inflight:
-                return
-            self._inflight.add(path)
-        try:
-            self._pool.submit(self._ingest, path)
-        except RuntimeError:  # pool shut down while stopping
-            with self._lock:
-                self._inflight.discard(path)
-
-    def _ingest(self, path: Path) -> None:
-        try:
-            ingest_file(path, settings=self.settings, enqueue=self.enqueue, stop=self._stop)
-        except Exception:
-            log.exception("could not ingest %s; it stays in the inbox and is retried", path)
-        finally:
-            with self._lock:
-                self._inflight.discard(path)
-
-    def _sweep_loop(self) -> None:
-        while not self._stop.is_set():
-            for path in inbox_files(self.settings):
-                self.submit(path)
-            try:
-                requeue_stale(settings=self.settings, enqueue=self.enqueue)
-            except Exception:
-                log.exception("stale re-enqueue sweep failed; retrying in %ss", self.sweep_seconds)
-            self._stop.wait(self.sweep_seconds)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stops watching and waits for files being ingested to finish."""
-        self._stop.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout)
-        if self._sweeper is not None:
-            self._sweeper.join(timeout)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> "Ingester":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -27,7 +27,8 @@ from core.bundle import load_bundle
 from core.db import get_engine, session_scope
 from core.dicom_listener import start_listener, stop_listener
 from core.feedback import COLUMNS, feedback_csv, read_feedback_csv
-from core.ingest import Ingester, ingest_file, scan_inbox
+from core.ingest import ingest_file, scan_inbox
+from core.watcher import Ingester
 from core.migrate import alembic_config
 from core.models import Status, Study
 from core.pipeline import process_studies

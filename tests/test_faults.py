@@ -12,7 +12,8 @@ from sqlalchemy import select
 
 from core.bundle import load_bundle
 from core.db import session_scope
-from core.ingest import Ingester, ingest_file
+from core.ingest import ingest_file
+from core.watcher import Ingester
 from core.models import Status, Study
 from core.pipeline import process_studies
 from core.settings import Settings

@@ -13,8 +13,7 @@ from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
 from core.bundle import BF16_MAX_AUC_DROP, FORMAT_VERSION, load_network, save_weights, write_meta
-from core.calibration import (calibrator_to_dict, expected_calibration_error, fit_and_select,
-                              threshold_for_sensitivity)
+from core.calibration import calibrator_to_dict, fit_and_select, threshold_for_sensitivity
 from core.model import ARCHITECTURE, build_network
 from core.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from training.data import read_split_file

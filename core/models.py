@@ -64,6 +64,8 @@ class Study(Base):
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     enqueue_count: Mapped[int] = mapped_column(Integer, default=0)
     claim_token: Mapped[str | None] = mapped_column(String(36))
+    # Claims taken without a stored result (a worker that died on this file); at the limit the study fails.
+    claim_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     scored_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     width: Mapped[int | None] = mapped_column(Integer)
@@ -153,6 +155,8 @@ class User(Base):
     last_login_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # Web sessions issued before this instant are void after a password change.
     password_changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Bumped on logout: session cookies carry the generation they were issued in and die with it.
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ApiToken(Base):

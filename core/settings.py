@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     broker_url: str = ""  # default: kombu's SQLAlchemy transport on SQLite under data_dir (no Redis needed)
     model_dir: Path = REPO_ROOT / "models" / "default"
     max_image_pixels: int = 50_000_000
+    # No file larger than this is read anywhere: ingest, the C-STORE receiver, the worker, the web image view.
+    max_file_bytes: int = 100_000_000
+    # A study claimed this many times without a result (its worker died each time) fails as a poison file.
+    max_claims: int = 3
     target_sensitivity: float = 0.90
     max_wait_minutes: int = 60  # a study unread this long is overdue and rises above unflagged studies
     stable_seconds: float = 1.0  # a file's size must stay unchanged this long before it is read

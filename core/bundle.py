@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core import precision
 from core.calibration import calibrator_from_dict
-from core.gradcam import forward_with_cam
 from core.model import ARCHITECTURE, build_network
 
 WEIGHTS_FILE = "model.safetensors"
@@ -72,7 +72,7 @@ class Bundle:
     meta: dict
     net: nn.Module
     device: torch.device
-    use_bf16: bool
+    choice: precision.Choice
     calibrator: object = field(init=False)
 
     def __post_init__(self):
@@ -94,26 +94,34 @@ class Bundle:
     def input_size(self) -> int:
         return int(self.meta["input_size"])
 
-    @torch.inference_mode()
+    @property
+    def mode(self) -> str:
+        """The precision the network runs in (core.precision): fp32, bf16, tf32 or fp16."""
+        return self.choice.mode
+
+    @property
+    def use_bf16(self) -> bool:
+        return self.choice.mode == "bf16"
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits [N], Grad-CAMs [N,h,w]) for a normalised batch, on the bundle's device."""
-        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                logits, cams = forward_with_cam(self.net, x)
-        elif self.use_bf16:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits, cams = forward_with_cam(self.net, x)
-        else:
-            logits, cams = forward_with_cam(self.net, x)
-        return logits.float().cpu(), cams.float().cpu()
+        """Returns (logits [N], Grad-CAMs [N,h,w]) for a normalised batch, as float32 on the CPU."""
+        return precision.run(self.net, x, self.device, self.choice.mode)
 
 
-def load_bundle(directory: str | Path, device: str | None = None) -> Bundle:
-    """Loads a bundle; on CPU uses bf16 only when the bundle's recorded check allows it."""
+def bf16_allowed(meta: dict) -> bool:
+    """Tells whether the bundle's recorded accuracy check allows bf16 inference."""
+    return bool(meta.get("bf16_check", {}).get("use_bf16", False))
+
+
+def load_bundle(directory: str | Path, device: str | None = None, mode: str = "auto") -> Bundle:
+    """Loads a bundle and picks its precision: `mode` forces one, "auto" measures (core.precision.choose).
+
+    bf16 is never used when the bundle's accuracy check forbids it, whatever the hardware.
+    """
     directory = Path(directory)
     meta = read_meta(directory)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = load_network(directory).to(dev).to(memory_format=torch.channels_last)
-    use_bf16 = bool(meta.get("bf16_check", {}).get("use_bf16", False))
-    return Bundle(directory=directory, meta=meta, net=net, device=dev, use_bf16=use_bf16)
+    net = load_network(directory)
+    choice = precision.choose(net, dev, bf16_allowed=bf16_allowed(meta), forced=mode,
+                              size=int(meta.get("input_size", 224)))
+    return Bundle(directory=directory, meta=meta, net=net, device=dev, choice=choice)

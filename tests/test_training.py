@@ -65,7 +65,7 @@ def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_pa
     films = [str(p) for p in fixture_images()[:2]]
     scored = runner.invoke(main, ["score", "--model", str(bundle), "--json", *films])
     assert scored.exit_code == 0, scored.output
-    rows = [json.loads(line) for line in scored.output.splitlines()]
+    rows = [json.loads(line) for line in scored.stdout.splitlines()]
     assert [r["path"] for r in rows] == films
     for r in rows:
         assert 0.0 <= r["score"] <= 1.0 and r["flagged"] == (r["score"] >= r["threshold"])
@@ -77,7 +77,7 @@ def test_score_prints_the_reason_for_a_refused_file(bundle_dir, tmp_path):
     bad.write_text("not an image")
     result = CliRunner().invoke(main, ["score", "--model", str(bundle_dir), "--json", str(bad),
                                        str(fixture_images()[0])])
-    rows = [json.loads(line) for line in result.output.splitlines()]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.exit_code == 1
     assert rows[0] == {"path": str(bad), "error": "not a recognised image file"}
     assert "score" in rows[1]

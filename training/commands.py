@@ -17,11 +17,14 @@ def _settings():
 
 def _bundle(model: str | None):
     from core.bundle import BundleError, load_bundle
+    from core.precision import PrecisionError
     path = Path(model) if model else _settings().model_dir
     try:
-        return load_bundle(path)
-    except BundleError as exc:
+        bundle = load_bundle(path, mode=_settings().precision)
+    except (BundleError, PrecisionError) as exc:
         raise click.ClickException(str(exc)) from exc
+    click.echo(f"model {bundle.version} on {bundle.choice.label} ({bundle.choice.reason})", err=True)
+    return bundle
 
 
 @click.command()

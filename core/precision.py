@@ -1,0 +1,138 @@
+"""Precision and backend chosen by measurement on this machine, never by assumption.
+
+A 2-core server with native bf16 (AVX512-BF16/AMX) runs DenseNet-121 several times faster in bf16 than in
+fp32; one with only AVX2 emulates bf16 and runs it about 5× *slower*. On a GPU, fp16 weights beat per-call
+autocast, and TF32 is free accuracy-wise for convolutions. So the service lists the modes this device and
+bundle allow, times a short forward+CAM probe of each, and keeps the fastest; a setting can force one.
+
+Modes:
+- ``fp32``  CPU or CUDA in float32 (on CUDA with TF32 matmul/convolutions allowed: ``tf32``);
+- ``bf16``  CPU bfloat16 autocast — only when the bundle's accuracy check allows it;
+- ``fp16``  CUDA with the network's weights in half precision and channels_last (no autocast casting).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.gradcam import forward_with_cam
+
+log = logging.getLogger(__name__)
+
+CPU_MODES = ("fp32", "bf16")
+CUDA_MODES = ("fp32", "tf32", "fp16")
+PROBE_BATCH = {"cpu": 2, "cuda": 32}
+_PROBE_CACHE: dict[tuple, "Choice"] = {}
+
+
+class PrecisionError(ValueError):
+    """Raised when a forced mode is not available on this device or not allowed by the bundle."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The mode a bundle runs in, why, and what the probe measured (images/s of forward+CAM per mode)."""
+
+    mode: str
+    device: str
+    reason: str
+    images_per_s: dict[str, float]
+
+    @property
+    def label(self) -> str:
+        """Short text for logs, heartbeats and the status strip, e.g. ``cpu bf16 41 img/s``."""
+        ips = self.images_per_s.get(self.mode)
+        return f"{self.device} {self.mode}" + (f" {ips:.0f} img/s" if ips else "")
+
+
+def native_bf16() -> bool:
+    """Tells whether oneDNN reports native bf16 support on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def allowed_modes(device: torch.device, *, bf16_allowed: bool) -> tuple[str, ...]:
+    """Lists the modes this device may run; bf16 only where the bundle's accuracy check allows it."""
+    if device.type == "cuda":
+        return CUDA_MODES
+    return CPU_MODES if bf16_allowed else ("fp32",)
+
+
+def prepare(net: nn.Module, device: torch.device, mode: str) -> nn.Module:
+    """Puts the network in the layout and dtype the mode runs with (fp16 weights for ``fp16``)."""
+    net = net.to(device).to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        tf32 = mode == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return net.half() if mode == "fp16" else net.float()
+
+
+@torch.inference_mode()
+def run(net: nn.Module, x: torch.Tensor, device: torch.device, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs forward+CAM in a mode; returns float32 (logits [N], CAMs [N,h,w]) on the CPU."""
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    if mode == "fp16":
+        logits, cams = forward_with_cam(net, x.half())
+    elif mode == "bf16":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, cams = forward_with_cam(net, x)
+    else:
+        logits, cams = forward_with_cam(net, x)
+    return logits.float().cpu(), cams.float().cpu()
+
+
+def _time_mode(net: nn.Module, device: torch.device, mode: str, size: int, repeats: int) -> float:
+    """Returns images/s of forward+CAM in one mode, after one warm-up pass (oneDNN/cuDNN set-up)."""
+    batch = PROBE_BATCH[device.type]
+    x = torch.randn(batch, 3, size, size)
+    prepare(net, device, mode)
+    run(net, x, device, mode)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(net, x, device, mode)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return batch / best
+
+
+def choose(net: nn.Module, device: torch.device, *, bf16_allowed: bool, forced: str = "auto",
+           size: int = 224, repeats: int = 2) -> Choice:
+    """Picks the mode: the forced one if given (and allowed), else the fastest by a timed probe.
+
+    The probe's result depends on the hardware and the architecture, not on the weights, so it is kept for
+    the life of the process: a worker that reloads a bundle does not probe again.
+    """
+    modes = allowed_modes(device, bf16_allowed=bf16_allowed)
+    if forced != "auto":
+        if forced not in modes:
+            why = ("the bundle's bf16 accuracy check does not allow it" if forced == "bf16" and device.type == "cpu"
+                   else f"{device.type} runs {', '.join(modes)}")
+            raise PrecisionError(f"precision {forced!r} cannot be used: {why}")
+        prepare(net, device, forced)
+        return Choice(forced, device.type, "forced by CHESTAID_PRECISION", {})
+    if len(modes) == 1:
+        prepare(net, device, modes[0])
+        return Choice(modes[0], device.type, "the only mode allowed", {})
+    key = (device.type, size, modes)
+    if key not in _PROBE_CACHE:
+        ips = {m: _time_mode(net, device, m, size, repeats) for m in modes}
+        best = max(ips, key=ips.get)
+        detail = ", ".join(f"{m} {v:.1f}" for m, v in ips.items())
+        extra = f"; oneDNN native bf16: {native_bf16()}" if device.type == "cpu" else ""
+        _PROBE_CACHE[key] = Choice(best, device.type, f"fastest in a timed probe ({detail} img/s{extra})", ips)
+        log.info("precision: %s on %s (%s)", best, device.type, _PROBE_CACHE[key].reason)
+    choice = _PROBE_CACHE[key]
+    prepare(net, device, choice.mode)
+    return choice

@@ -1,0 +1,88 @@
+"""Precision chosen by measurement: forced modes are honoured, bf16 only where the bundle allows it."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from core import precision
+from core.bundle import META_FILE, load_bundle
+from core.imaging import load_grayscale
+from core.scoring import score_images
+from tests.conftest import fixture_images
+
+
+@pytest.fixture
+def no_bf16_bundle(bundle_dir, tmp_path):
+    """The test bundle with a recorded check that forbids bf16 (its accuracy dropped too much)."""
+    out = tmp_path / "nobf16"
+    shutil.copytree(bundle_dir, out)
+    meta = json.loads((out / META_FILE).read_text())
+    meta["bf16_check"] = {"use_bf16": False}
+    (out / META_FILE).write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe_cache():
+    precision._PROBE_CACHE.clear()
+    yield
+    precision._PROBE_CACHE.clear()
+
+
+def test_forced_modes_are_honoured(bundle_dir):
+    for mode in ("fp32", "bf16"):
+        bundle = load_bundle(bundle_dir, device="cpu", mode=mode)
+        assert bundle.mode == mode and bundle.choice.reason.startswith("forced")
+        assert bundle.use_bf16 == (mode == "bf16")
+
+
+def test_bf16_is_never_used_when_the_bundle_check_forbids_it(no_bf16_bundle, monkeypatch):
+    # Even on a machine where bf16 would be the faster mode, the accuracy check wins.
+    monkeypatch.setattr(precision, "_time_mode", lambda net, dev, mode, size, repeats: 1000.0 if mode == "bf16" else 1.0)
+    bundle = load_bundle(no_bf16_bundle, device="cpu")
+    assert bundle.mode == "fp32" and bundle.choice.reason == "the only mode allowed"
+    with pytest.raises(precision.PrecisionError, match="accuracy check"):
+        load_bundle(no_bf16_bundle, device="cpu", mode="bf16")
+
+
+def test_cuda_modes_are_refused_on_the_cpu(bundle_dir):
+    with pytest.raises(precision.PrecisionError, match="cpu runs fp32, bf16"):
+        load_bundle(bundle_dir, device="cpu", mode="fp16")
+
+
+@pytest.mark.parametrize("fast", ["fp32", "bf16"])
+def test_auto_keeps_the_mode_the_probe_measured_fastest(bundle_dir, monkeypatch, fast):
+    # An AVX2-only CPU emulates bf16 (slower); one with AVX512-BF16/AMX runs it natively (faster).
+    timed = []
+
+    def fake_time(net, dev, mode, size, repeats):
+        timed.append(mode)
+        return 50.0 if mode == fast else 10.0
+    monkeypatch.setattr(precision, "_time_mode", fake_time)
+    bundle = load_bundle(bundle_dir, device="cpu")
+    assert bundle.mode == fast
+    assert bundle.choice.images_per_s == {fast: 50.0, ({"fp32", "bf16"} - {fast}).pop(): 10.0}
+    assert bundle.choice.label == f"cpu {fast} 50 img/s"
+    # The probe is about the hardware: a second load in this process does not time again.
+    load_bundle(bundle_dir, device="cpu")
+    assert sorted(timed) == ["bf16", "fp32"]
+
+
+def test_the_real_probe_measures_both_cpu_modes(bundle_dir):
+    bundle = load_bundle(bundle_dir, device="cpu")
+    assert set(bundle.choice.images_per_s) == {"fp32", "bf16"}
+    assert all(v > 0 for v in bundle.choice.images_per_s.values())
+    assert bundle.mode == max(bundle.choice.images_per_s, key=bundle.choice.images_per_s.get)
+
+
+def test_modes_agree_on_scores(bundle_dir):
+    films = [load_grayscale(f) for f in fixture_images()[:3]]
+    fp32 = score_images(load_bundle(bundle_dir, device="cpu", mode="fp32"), films)
+    bf16 = score_images(load_bundle(bundle_dir, device="cpu", mode="bf16"), films)
+    for a, b in zip(fp32, bf16):
+        assert abs(a.probability - b.probability) < 0.02
+        assert a.cam.shape == b.cam.shape == (7, 7)
+    assert torch.get_default_dtype() == torch.float32

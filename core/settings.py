@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     worker_alive_seconds: int = 60
     worker_concurrency: int = 1
     score_batch_size: int = 8
+    # Inference precision: "auto" times each mode this device and bundle allow and keeps the fastest
+    # (core.precision); "fp32", "bf16" (CPU, only if the bundle's check allows), "tf32" or "fp16" (CUDA) force one.
+    precision: str = "auto"
     task_max_retries: int = 3
     broker_visibility_timeout: int = 600  # Redis: redeliver unacked tasks of a dead worker after this
     debug_task_delay_seconds: float = 0.0  # fault-injection tests only: each claimed batch sleeps this long

@@ -43,7 +43,7 @@ class _Model:
         with self.lock:
             if self.bundle is None:
                 try:
-                    bundle = load_bundle(settings.model_dir)
+                    bundle = load_bundle(settings.model_dir, mode=settings.precision)
                 except Exception as exc:
                     message = (f"no usable model bundle at {settings.model_dir} ({exc}); studies stay queued "
                                "and are re-enqueued once a bundle exists (set CHESTAID_MODEL_DIR)")
@@ -65,7 +65,8 @@ MODEL = _Model()
 
 
 def device_label(bundle: Bundle) -> str:
-    return f"{bundle.device.type}{'+bf16' if bundle.device.type == 'cpu' and bundle.use_bf16 else ''}"
+    """The device, the precision chosen for it and the probe's images/s, e.g. "cpu bf16 41 img/s"."""
+    return bundle.choice.label
 
 
 def _register_calibration(settings: Settings, bundle: Bundle) -> None:

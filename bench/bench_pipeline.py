@@ -53,7 +53,11 @@ def fresh_postgres(base_url: str) -> tuple[str, callable]:
     return url, drop
 
 
-def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int) -> None:
+def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, one_at_a_time: bool = False) -> dict:
+    """Runs one stack on N films and prints its figures; returns them (throughput, p50, p95).
+
+    one_at_a_time drops each film only once the one before it is scored: drop→scored latency at idle.
+    """
     work = Path(tempfile.mkdtemp(prefix="chestaid-bench-"))
     env = {**os.environ, "CHESTAID_DATA_DIR": str(work / "var"), "CHESTAID_INBOX": str(work / "inbox"),
            "CHESTAID_MODEL_DIR": str(model), "CHESTAID_STABLE_SECONDS": "0.2", **env_extra}
@@ -79,6 +83,8 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int) -> N
             tmp.write_bytes(film.read_bytes() + f"\n{i}".encode())
             os.replace(tmp, work / "inbox" / name)
             dropped[name] = time.time()
+            if one_at_a_time:
+                _wait_for_scored(db_url, i + 1, timeout=60)
         rows = _wait_for_scored(db_url, n, timeout=60 + 10 * n)
         wall = max(r.scored_at.timestamp() for r in rows if r.scored_at) - t_start
         latencies = sorted(r.scored_at.timestamp() - dropped[r.source_name] for r in rows if r.scored_at)
@@ -97,6 +103,9 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int) -> N
         sizes = [r.timings.get("batch_size", 1) for r in rows if r.timings]
         if sizes:
             print(f"batch size       mean {statistics.mean(sizes):.1f}")
+        return {"throughput": len(latencies) / wall if wall > 0 else 0.0,
+                "p50": statistics.median(latencies) if latencies else None,
+                "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None}
     finally:
         for p in procs:
             try:

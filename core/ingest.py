@@ -9,15 +9,17 @@ import hashlib
 import logging
 import os
 import re
-import shutil
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 
+from core import claim
 from core import repository as repo
 from core.db import session_scope
 from core.dicom import DicomInfo, header_identity
@@ -35,11 +37,15 @@ _CREATE_LOCK = threading.Lock()
 
 
 def is_candidate(path: Path) -> bool:
-    """Tells whether an inbox entry is a finished-looking regular file (not a dotfile, temp name or link)."""
+    """Tells whether an inbox entry is to be ingested: any finished-looking entry but a folder (not a dotfile
+    or temp name). Links, pipes and devices are candidates too: they are recorded as failed, never read."""
     name = path.name
     if name.startswith(".") or name.endswith("~") or name.lower().endswith(TEMP_SUFFIXES):
         return False
-    return path.is_file() and not path.is_symlink()
+    try:
+        return not stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def clean_suffix(name: str) -> str:
@@ -54,23 +60,25 @@ def display_name(path: Path) -> str:
 
 
 def _can_open(path: Path) -> bool:
+    # Without following links or blocking on a pipe: only a regular file's readability matters here.
     try:
-        with open(path, "rb"):
-            return True
+        os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK))
+        return True
     except OSError:
         return False
 
 
 def wait_until_stable(path: Path, seconds: float, *, stop: threading.Event | None = None) -> bool:
-    """Blocks until the file has not changed for `seconds` and opens; False if it vanished or we are stopping."""
+    """Blocks until the inbox entry has not changed for `seconds` (and opens, when a regular file); False if it
+    vanished or we are stopping. It looks at the entry itself (lstat), so a link swapped in restarts the wait."""
     poll = max(0.02, min(0.25, seconds / 4))
     last, since = None, time.monotonic()
     while True:
         try:
-            st = path.stat()
+            st = os.lstat(path)
         except FileNotFoundError:
             return False
-        sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        sig = (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         now = time.monotonic()
         if sig != last:
             last, since = sig, now
@@ -78,30 +86,21 @@ def wait_until_stable(path: Path, seconds: float, *, stop: threading.Event | Non
             # A file last touched long ago (dropped while we were down) needs no full wait; every write
             # moves mtime/ctime, so an old timestamp plus one unchanged poll means it is complete.
             idle_on_disk = time.time() - max(st.st_mtime, st.st_ctime) >= seconds
-            if (now - since >= seconds or idle_on_disk) and _can_open(path):
+            if (now - since >= seconds or idle_on_disk) and (not stat.S_ISREG(st.st_mode) or _can_open(path)):
                 return True
         if stop is not None and stop.is_set():
             return False
         time.sleep(poll)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-links src to dst (same file system, instant) or copies it."""
-    try:
-        os.link(src, dst)
-    except FileNotFoundError:
-        raise
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+@dataclass(frozen=True)
+class _Archived:
+    sha: str
+    size: int
+    dest: Path
+    info: DicomInfo | None
+    rejected: str | None
+    signature: tuple[int, int, int]  # of the claimed file when it was copied
 
 
 def _log_name(path: Path, info: DicomInfo | None, rejected: str | None) -> str:
@@ -129,62 +128,129 @@ def send(study_id: int, *, settings: Settings, enqueue: Enqueue) -> bool:
 
 def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop: threading.Event | None = None,
                 wait: bool = True) -> int | None:
-    """Archives one inbox file, commits its Study and then enqueues it; returns the study id (None if skipped).
+    """Claims one inbox entry, archives a verified copy, commits its Study and then enqueues it; returns the
+    study id (None if skipped: vanished, already being ingested, or we are stopping).
 
-    Order matters for crash safety: the archive copy is made first, the row committed second and only then
-    the inbox file removed, so a crash at any point leaves the file in the inbox to be picked up again.
+    `path` is an inbox entry, or a file left in the claim folder (core.claim), which is ingested again.
+    Crash safety: the entry is first renamed into a private claim folder (core.claim), then copied and hashed
+    through one open descriptor, the archive copy verified, the row committed, and only then the claimed file
+    removed; a crash at any point leaves the file in the inbox or the claim folder, to be ingested again.
+    Entries that are not regular files (links, pipes, devices) and files over `max_file_bytes` are recorded as
+    failed studies and never read (see _record_unread).
     """
     path = Path(path)
-    if not is_candidate(path) or (wait and not wait_until_stable(path, settings.stable_seconds, stop=stop)):
-        return None
-    suffix = clean_suffix(path.name)
-    settings.archive_dir.mkdir(parents=True, exist_ok=True)
-    staging = settings.archive_dir / f".incoming-{uuid.uuid4().hex}{suffix}"
+    if claim.is_claimed(path, inbox=settings.inbox):
+        if not claim.activate(path.parent):
+            return None  # another thread of this process is on it
+        claimed = path
+    else:
+        if not is_candidate(path) or (wait and not wait_until_stable(path, settings.stable_seconds, stop=stop)):
+            return None
+        claimed = claim.claim(path, inbox=settings.inbox)
+        if claimed is None:
+            return None  # deleted by the sender, or taken by another ingest
     try:
-        try:
-            _link_or_copy(path, staging)
-        except FileNotFoundError:
-            return None  # taken by another ingester, or deleted by the sender
-        # Hash the archived bytes themselves, so the name always matches the content kept.
-        sha, size = _sha256(staging)
-        # A DICOM header is read here, from the archived copy: identity, deduplication and the guard need it.
-        info, rejected = header_identity(staging) if size else (None, None)
-        folder = settings.quarantine_dir if size == 0 or rejected else settings.archive_dir / sha[:2]
-        folder.mkdir(parents=True, exist_ok=True)
-        dest = folder / f"{sha}{suffix}"
-        if not dest.exists():
-            os.replace(staging, dest)
+        return _ingest_claimed(claimed, settings=settings, enqueue=enqueue, stop=stop)
     finally:
-        staging.unlink(missing_ok=True)  # a byte-identical copy already exists: keep one
+        claim.finish(claimed.parent)
+
+
+def _ingest_claimed(claimed: Path, *, settings: Settings, enqueue: Enqueue,
+                    stop: threading.Event | None) -> int | None:
+    """Ingests a claimed entry; the claimed file is removed only once what it holds is recorded."""
+    try:
+        fd = claim.open_claimed(claimed)
+    except claim.NotRegular as exc:
+        study_id = _record_unread(settings, claimed, size=0, stored_path="",
+                                  reason=f"not a regular file ({exc.kind}); not read")
+        claim.remove_claimed(claimed)  # the link itself; its target is never touched
+        return study_id
+    try:
+        study_id = None
+        while True:
+            try:
+                archived = _archive(fd, claimed, settings=settings, stop=stop)
+            except claim.Oversize as exc:
+                return _reject_oversize(settings, claimed, exc)
+            if archived is None:
+                return study_id  # stopping: the claimed file stays, for the next start
+            study_id, status = _record_retrying(settings, claimed, archived)
+            log.info("ingested %s as study %s (%s, %s bytes, sha256 %s)",
+                     _log_name(claimed, archived.info, archived.rejected), study_id, status, archived.size,
+                     archived.sha[:12])
+            if status == Status.QUEUED:
+                send(study_id, settings=settings, enqueue=enqueue)
+            if claim.signature(fd) == archived.signature:
+                break
+            # A sender still holding the file open wrote more after the recorded copy was taken: keep the
+            # recorded study, and ingest the whole file again as a new one, so no byte is lost.
+            log.warning("%s changed after study %s was recorded; ingesting it again",
+                        _log_name(claimed, archived.info, archived.rejected), study_id)
+            if not claim.wait_stable(fd, settings.stable_seconds, stop=stop):
+                return study_id
+        claim.remove_claimed(claimed, fd)
+        return study_id
+    finally:
+        os.close(fd)
+
+
+def _archive(fd: int, claimed: Path, *, settings: Settings, stop: threading.Event | None) -> _Archived | None:
+    """Copies the open claimed file into the archive (or quarantine) under its sha256 once a full, unchanged
+    read is made; None if we are stopping while waiting for a sender that is still writing."""
+    suffix = clean_suffix(claimed.name)
+    settings.archive_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        before = claim.signature(fd)
+        if before[0] > settings.max_file_bytes:
+            raise claim.Oversize(before[0], settings.max_file_bytes)
+        staging = settings.archive_dir / f".incoming-{uuid.uuid4().hex}{suffix}"
+        try:
+            sha, size = claim.copy_and_hash(fd, staging, limit=settings.max_file_bytes)
+            if claim.signature(fd) == before and size == before[0]:
+                if claim.file_sha256(staging) != sha:
+                    raise OSError(f"archive copy of {claimed.name} does not match what was read; retried")
+                # The DICOM header is read from the archived copy: identity, deduplication and the guard.
+                info, rejected = header_identity(staging) if size else (None, None)
+                if claim.signature(fd) == before:  # re-checked just before the copy becomes the record
+                    folder = settings.quarantine_dir if size == 0 or rejected else settings.archive_dir / sha[:2]
+                    folder.mkdir(parents=True, exist_ok=True)
+                    dest = folder / f"{sha}{suffix}"
+                    if not dest.exists():  # else a byte-identical copy is already kept: keep one
+                        os.replace(staging, dest)
+                    return _Archived(sha, size, dest, info, rejected, before)
+        finally:
+            staging.unlink(missing_ok=True)
+        # The sender still writes into the claimed file (renaming does not stop an open writer).
+        log.info("%s is still being written after it was claimed; waiting for it to settle", claimed.name)
+        if not claim.wait_stable(fd, settings.stable_seconds, stop=stop):
+            return None
+
+
+def _record_retrying(settings: Settings, claimed: Path, archived: _Archived) -> tuple[int, str]:
     for attempt in range(2):
         try:
-            study_id, status = _record(settings, path, sha=sha, size=size, dest=dest, info=info, rejected=rejected)
-            break
+            return _record(settings, claimed, archived)
         except IntegrityError:
             # Another ingester committed the same SOP Instance UID between our look-up and insert; the
             # second try finds it and records this copy as its duplicate.
-            if attempt or info is None:
+            if attempt or archived.info is None:
                 raise
-            log.info("SOP %s was recorded by another ingester meanwhile; retrying", info.sop_instance_uid)
-    path.unlink(missing_ok=True)
-    log.info("ingested %s as study %s (%s, %s bytes, sha256 %s)", _log_name(path, info, rejected), study_id,
-             status, size, sha[:12])
-    if status == Status.QUEUED:
-        send(study_id, settings=settings, enqueue=enqueue)
-    return study_id
+            log.info("SOP %s was recorded by another ingester meanwhile; retrying", archived.info.sop_instance_uid)
+    raise AssertionError("unreachable")
 
 
-def _record(settings: Settings, path: Path, *, sha: str, size: int, dest: Path, info: DicomInfo | None,
-            rejected: str | None) -> tuple[int, str]:
+def _record(settings: Settings, path: Path, archived: _Archived) -> tuple[int, str]:
     """Commits the Study row for an archived file; returns (study id, status)."""
+    info, rejected = archived.info, archived.rejected
     with _CREATE_LOCK, session_scope(settings.database_url) as session:
-        study = repo.create_study(session, source_name=display_name(path), sha256=sha, size_bytes=size,
-                                  stored_path=dest.relative_to(settings.data_dir).as_posix(),
-                                  identity=info.to_dict() if info is not None else None)
-        if size == 0:
-            # Nothing to score and nothing to deduplicate against: every empty file is its own failure.
-            study.status, study.error, study.duplicate_of_id = Status.FAILED, EMPTY_REASON, None
-        elif rejected and study.status == Status.QUEUED:
+        study = repo.create_study(session, source_name=display_name(path), sha256=archived.sha,
+                                  size_bytes=archived.size,
+                                  stored_path=archived.dest.relative_to(settings.data_dir).as_posix(),
+                                  identity=info.to_dict() if info is not None else None,
+                                  # Nothing to score and nothing to deduplicate against: every empty file
+                                  # is its own failure.
+                                  failure=EMPTY_REASON if archived.size == 0 else None)
+        if rejected and study.status == Status.QUEUED:
             study.status, study.error = Status.FAILED, rejected  # already in quarantine
         elif study.status == Status.QUEUED and info is not None and (reason := info.refusal()):
             # The guard: listed with its reason and kept in the archive, but never sent to the model.
@@ -192,18 +258,42 @@ def _record(settings: Settings, path: Path, *, sha: str, size: int, dest: Path, 
         return study.id, study.status
 
 
+def _record_unread(settings: Settings, path: Path, *, size: int, stored_path: str, reason: str) -> int:
+    """Commits a failed Study for an entry that was deliberately not read (no hash: sha256 is empty)."""
+    with _CREATE_LOCK, session_scope(settings.database_url) as session:
+        study = repo.create_study(session, source_name=display_name(path), sha256="", size_bytes=size,
+                                  stored_path=stored_path, failure=reason)
+        study_id = study.id
+    log.warning("recorded %s as failed study %s: %s", path.name, study_id, reason)
+    return study_id
+
+
+def _reject_oversize(settings: Settings, claimed: Path, exc: claim.Oversize) -> int:
+    """Records an oversize file as failed and keeps it, unread, in `<inbox>/.rejected/` (not in the archive:
+    it is never read, and the inbox's own file system takes it with one rename, whatever its size). The row
+    is committed first, naming where the file will be, so a crash in between re-ingests the claimed file."""
+    kept = settings.inbox / claim.REJECT_DIR / claimed.parent.name / claimed.name
+    reason = (f"file is {exc.size:,} bytes, over the limit of {exc.limit:,} (max_file_bytes); not read, "
+              f"kept at {kept}")
+    study_id = _record_unread(settings, claimed, size=exc.size, stored_path=kept.as_posix(), reason=reason)
+    claim.reject(claimed, inbox=settings.inbox)
+    return study_id
+
+
 def inbox_files(settings: Settings) -> list[Path]:
-    """Lists candidate files in the inbox, oldest first."""
+    """Lists files left in the claim folder (by a crash or a failed try), then candidate inbox entries, each
+    oldest first."""
     def key(p: Path):
         try:
-            return (p.stat().st_mtime, p.name)
+            return (os.lstat(p).st_mtime, p.name)
         except OSError:
             return (float("inf"), p.name)
     try:
         entries = list(settings.inbox.iterdir())
     except FileNotFoundError:
-        return []
-    return sorted((p for p in entries if is_candidate(p)), key=key)
+        entries = []
+    return (sorted(claim.leftovers(settings.inbox), key=key)
+            + sorted((p for p in entries if is_candidate(p)), key=key))
 
 
 def scan_inbox(*, settings: Settings, enqueue: Enqueue, stop: threading.Event | None = None) -> list[int]:
@@ -213,7 +303,7 @@ def scan_inbox(*, settings: Settings, enqueue: Enqueue, stop: threading.Event | 
         try:
             sid = ingest_file(path, settings=settings, enqueue=enqueue, stop=stop)
         except Exception:
-            log.exception("could not ingest %s; it stays in the inbox and is retried", path)
+            log.exception("could not ingest %s; it stays in the inbox or claim folder and is retried", path)
             continue
         if sid is not None:
             ids.append(sid)

@@ -28,31 +28,60 @@ def _fit_identity(identity: dict | None) -> dict[str, str | None]:
 
 
 def find_by_sop(session: Session, *, sop_instance_uid: str) -> Study | None:
-    """Returns the study that holds a DICOM SOP Instance UID (the first copy received)."""
+    """Returns the study that holds a DICOM SOP Instance UID: the copy of that instance now in force (the first
+    received, or the resend that superseded a failed or refused one)."""
     return session.scalars(select(Study).where(Study.sop_instance_uid == sop_instance_uid)).first()
 
 
-def create_study(session: Session, *, source_name: str, sha256: str, size_bytes: int, stored_path: str,
-                 received_at: dt.datetime | None = None, identity: dict | None = None) -> Study:
-    """Adds a study; a resent DICOM instance or a byte-identical copy of an earlier file is recorded as its
-    duplicate, not queued. `identity` holds the DICOM header fields (IDENTITY_FIELDS) of a DICOM file.
+# A resend of an instance in one of these states is evaluated again rather than recorded as a duplicate.
+_SUPERSEDABLE = (Status.FAILED, Status.REFUSED)
 
-    Only the first copy holds the SOP Instance UID: the unique index on it turns two ingesters racing on one
-    instance into an IntegrityError for the second, which then retries and finds the first.
+
+def create_study(session: Session, *, source_name: str, sha256: str, size_bytes: int, stored_path: str,
+                 received_at: dt.datetime | None = None, identity: dict | None = None,
+                 failure: str | None = None) -> Study:
+    """Adds a study. `identity` holds the DICOM header fields (IDENTITY_FIELDS) of a DICOM file.
+
+    Deduplication rule:
+    - `failure` given (an empty file, an entry that was not read): recorded as failed with that reason and
+      never a duplicate; nothing about its content says it is the same film as another.
+    - A DICOM instance whose SOP Instance UID is held by a study:
+      - byte-identical (same sha256) to it: a duplicate of that study, whatever its status (an identical
+        copy of a failed or refused file would end the same way);
+      - different bytes, and that study failed or was refused: the resend (intact, or with a fixed header) is
+        a new, queued study; it takes over the SOP Instance UID and the old study's error notes
+        "superseded by study N", in this same transaction;
+      - different bytes otherwise (a re-encoded resend of a queued or scored instance): a duplicate.
+    - Any other file byte-identical to an earlier original (including failed ones): a duplicate of it.
+
+    Only the study in force holds the SOP Instance UID: the unique index on it turns two ingesters racing on
+    one instance into an IntegrityError for the second, which then retries and finds the first.
     """
     fields = _fit_identity(identity)
     sop = fields.pop("sop_instance_uid")
     study = Study(source_name=source_name, sha256=sha256, size_bytes=size_bytes, stored_path=stored_path,
                   received_at=received_at or utcnow(), status=Status.QUEUED, **fields)
+    if failure is not None:
+        study.status, study.error = Status.FAILED, failure
+        session.add(study)
+        session.flush()
+        return study
     # The SOP Instance UID first: a resend may be re-encoded (another transfer syntax), so its bytes differ.
-    first = find_by_sop(session, sop_instance_uid=sop) if sop else None
-    if first is not None and first.sha256 != sha256:
-        study.error = f"the same DICOM instance (SOP Instance UID {sop}) as study {first.id}, received again"
+    holder = find_by_sop(session, sop_instance_uid=sop) if sop else None
+    first = superseded = None
+    if holder is not None and holder.sha256 != sha256 and holder.status not in _SUPERSEDABLE:
+        first = holder
+        study.error = f"the same DICOM instance (SOP Instance UID {sop}) as study {holder.id}, received again"
     else:
-        first = first or session.scalars(select(Study).where(Study.sha256 == sha256, Study.duplicate_of_id.is_(None))
-                                         .order_by(Study.id).limit(1)).first()
+        first = holder if holder is not None and holder.sha256 == sha256 else session.scalars(
+            select(Study).where(Study.sha256 == sha256, Study.duplicate_of_id.is_(None))
+            .order_by(Study.id).limit(1)).first()
         if first is not None:
             study.error = f"byte-identical duplicate of study {first.id} ({first.source_name})"
+        elif holder is not None:  # new bytes for a failed or refused instance: evaluated again
+            superseded = holder
+            superseded.sop_instance_uid = None
+            session.flush()  # the UID is released before the resend's row takes it (unique index)
     if first is not None:
         study.status = Status.DUPLICATE
         study.duplicate_of_id = first.id
@@ -60,6 +89,8 @@ def create_study(session: Session, *, source_name: str, sha256: str, size_bytes:
         study.sop_instance_uid = sop
     session.add(study)
     session.flush()
+    if superseded is not None:
+        superseded.error = f"{superseded.error or superseded.status}; superseded by study {study.id}"
     return study
 
 

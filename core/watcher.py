@@ -10,6 +10,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from core import claim
 from core.ingest import Enqueue, inbox_files, ingest_file, is_candidate, requeue_stale
 from core.settings import Settings
 
@@ -61,9 +62,13 @@ class Ingester:
         return self
 
     def submit(self, path: str | Path) -> None:
-        """Queues an inbox file for ingestion unless it is already being handled."""
+        """Queues an inbox file (or a file left in the claim folder) for ingestion unless it is already being
+        handled."""
         path = Path(path)
-        if self._stop.is_set() or path.parent != self.settings.inbox or not is_candidate(path):
+        if self._stop.is_set():
+            return
+        if not claim.is_claimed(path, inbox=self.settings.inbox) and (path.parent != self.settings.inbox
+                                                                      or not is_candidate(path)):
             return
         with self._lock:
             if path in self._inflight:
@@ -79,7 +84,7 @@ class Ingester:
         try:
             ingest_file(path, settings=self.settings, enqueue=self.enqueue, stop=self._stop)
         except Exception:
-            log.exception("could not ingest %s; it stays in the inbox and is retried", path)
+            log.exception("could not ingest %s; it stays in the inbox or claim folder and is retried", path)
         finally:
             with self._lock:
                 self._inflight.discard(path)

@@ -21,6 +21,7 @@ from pydicom import dcmread, uid
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
+from core import claim
 from core import repository as repo
 from core import worklist as wl
 from core.bundle import load_bundle
@@ -394,12 +395,15 @@ def test_a_database_error_during_ingest_logs_no_patient_values_and_loses_nothing
     monkeypatch.setattr(repo, "find_by_sop", lambda session, *, sop_instance_uid: None)
     caplog.set_level(logging.DEBUG)
     again = settings.inbox / "again.dcm"
-    again.write_bytes(to_bytes(compressed(frontal(0, SOPInstanceUID=ds.SOPInstanceUID), uid.RLELossless)))
+    data = to_bytes(compressed(frontal(0, SOPInstanceUID=ds.SOPInstanceUID), uid.RLELossless))
+    again.write_bytes(data)
     assert scan_inbox(settings=settings, enqueue=lambda sid: None) == []
     assert "could not ingest" in caplog.text and "IntegrityError" in caplog.text
     for value in PHI:  # the failed INSERT's parameters are not quoted in the error
         assert value not in caplog.text
-    assert again.exists() and len(rows(settings)) == 1  # left in the inbox to be retried
+    # Left, whole, in the claim folder, which the next scan or sweep ingests again.
+    assert [(p.name, p.read_bytes()) for p in claim.leftovers(settings.inbox)] == [("again.dcm", data)]
+    assert not again.exists() and len(rows(settings)) == 1
 
 
 def test_pseudonym_salt_is_generated_once_private_and_stable(tmp_path):

@@ -53,7 +53,8 @@ def web(host: str | None, port: int | None) -> None:
     import uvicorn
 
     settings = _settings()
-    uvicorn.run("web.app:app", host=host or settings.web_host, port=port or settings.web_port)
+    # proxy_headers off: X-Forwarded-For is judged by CHESTAID_TRUSTED_PROXIES alone (web.deps.client_host).
+    uvicorn.run("web.app:app", host=host or settings.web_host, port=port or settings.web_port, proxy_headers=False)
 
 
 @main.command()

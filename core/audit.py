@@ -9,6 +9,7 @@ import json
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.csvsafe import safe_cell
 from core.models import AuditEvent, utcnow
 
 LOGIN_SUCCESS = "login_success"
@@ -99,19 +100,13 @@ def count_events(session: Session, *, action: str | None = None, actor: str | No
     return int(session.scalar(query) or 0)
 
 
-def _cell(value) -> str:
-    text = "" if value is None else str(value)
-    # A leading =, +, - or @ makes spreadsheets evaluate the cell; attempted login names are attacker text.
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
 def export_csv(session: Session) -> str:
     """Returns the whole trail as CSV, oldest first; detail as compact JSON."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(COLUMNS)
     for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id)):
-        writer.writerow([e.id, e.at.isoformat(), _cell(e.actor), _cell(e.role), _cell(e.client), e.action,
+        writer.writerow([e.id, e.at.isoformat(), safe_cell(e.actor), safe_cell(e.role), safe_cell(e.client), e.action,
                          "" if e.study_id is None else e.study_id,
-                         _cell(json.dumps(e.detail or {}, sort_keys=True, separators=(",", ":")))])
+                         safe_cell(json.dumps(e.detail or {}, sort_keys=True, separators=(",", ":")))])
     return buf.getvalue()

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import re
 import secrets
+from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, login_throttle
 from core.models import ApiToken, LoginAttempt, User, utcnow
-from core.settings import Settings, get_settings
+from core.settings import Settings
 
 ROLES = ("nurse", "doctor", "admin")  # each role may do everything the ones before it may
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
@@ -128,13 +130,27 @@ def create_user(session: Session, *, name: str, role: str, password: str, actor:
     return user
 
 
+def end_sessions(user: User) -> None:
+    """Voids every web session the user holds: cookies carry the generation they were issued in."""
+    # Incremented in SQL at flush, so two concurrent sign-outs cannot both write the same generation.
+    user.session_generation = User.session_generation + 1
+
+
+def sign_out(session: Session, *, user: User, client: str | None) -> None:
+    """Ends all of the user's web sessions (a copied cookie dies too) and audits the sign-out."""
+    end_sessions(user)
+    session.flush()
+    audit.record(session, actor=user.name, role=user.role, client=client, action=audit.LOGOUT)
+
+
 def set_password(session: Session, *, name: str, password: str, actor: str, actor_role: str | None = None,
                  client: str | None = None) -> User:
-    """Replaces a user's password (voiding older web sessions) and audits it."""
+    """Replaces a user's password (voiding their web sessions) and audits it."""
     user = _require_user(session, name)
     check_password_policy(password)
     user.password_hash = _hasher.hash(password)
     user.password_changed_at = utcnow()
+    end_sessions(user)
     session.flush()
     audit.record(session, actor=actor, role=actor_role, client=client, action=audit.PASSWORD_CHANGED,
                  user=user.name)
@@ -143,9 +159,10 @@ def set_password(session: Session, *, name: str, password: str, actor: str, acto
 
 def disable_user(session: Session, *, name: str, actor: str, actor_role: str | None = None,
                  client: str | None = None) -> User:
-    """Disables a user and revokes their API tokens, so re-enabling never revives an old token."""
+    """Disables a user, ends their web sessions and revokes their API tokens, so re-enabling revives neither."""
     user = _require_user(session, name)
     user.disabled = True
+    end_sessions(user)
     now = utcnow()
     tokens = session.scalars(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None)))
     revoked = 0
@@ -168,33 +185,23 @@ def enable_user(session: Session, *, name: str, actor: str, actor_role: str | No
     return user
 
 
-def _throttled(session: Session, *, name: str, client: str, now: dt.datetime, settings: Settings) -> str | None:
-    """Returns 'account' or 'client' when recent failures exceed the limits, else None."""
-    since = now - dt.timedelta(seconds=settings.login_throttle_window_seconds)
-    # A success clears the account's count; it does not clear the address's (one valid account
-    # must not let an address keep guessing at others).
-    last_ok = session.scalars(select(LoginAttempt.at).where(LoginAttempt.name == name,
-                                                            LoginAttempt.outcome == "success")
-                              .order_by(LoginAttempt.at.desc()).limit(1)).first()
-    account_since = max(since, last_ok) if last_ok is not None else since
-    failures = select(func.count(LoginAttempt.id)).where(LoginAttempt.outcome == "failure", LoginAttempt.at <= now)
-    if session.scalar(failures.where(LoginAttempt.name == name, LoginAttempt.at > account_since)) \
-            >= settings.login_max_failures_per_account:
-        return "account"
-    if session.scalar(failures.where(LoginAttempt.client == client, LoginAttempt.at > since)) \
-            >= settings.login_max_failures_per_client:
-        return "client"
-    return None
+@dataclass(frozen=True)
+class SignIn:
+    """The outcome of a sign-in attempt: the user, or None; when throttled, how long before trying again."""
+
+    user: User | None
+    retry_after: float | None = None  # seconds; set only when the attempt was refused unheard
 
 
-def authenticate(session: Session, *, name: str, password: str, client: str | None,
-                 now: dt.datetime | None = None, settings: Settings | None = None) -> User | None:
-    """Returns the user for a correct name and password, else None (the same None for every reason).
+def authenticate(session: Session, *, name: str, password: str, client: str | None, settings: Settings,
+                 now: dt.datetime | None = None) -> SignIn:
+    """Checks a name and password; returns SignIn with the user if both are right, else with None.
 
-    Records the attempt for throttling and audits it; while throttled, the password is not even checked.
+    Every refusal looks alike (unknown name, wrong password, disabled) except a throttled one, which says
+    how long to wait (core.login_throttle); while throttled the password is not even checked. Records the
+    attempt for throttling and audits it.
     """
     now = now or utcnow()
-    settings = settings or get_settings()
     client = (client or "unknown")[:255]
     try:
         attempted = normalize_name(name)
@@ -205,30 +212,31 @@ def authenticate(session: Session, *, name: str, password: str, client: str | No
         session.add(LoginAttempt(at=now, name=attempted, client=client, outcome=outcome))
         audit.record(session, actor=attempted, role=role, client=client, action=action, at=now, **detail)
 
-    scope = _throttled(session, name=attempted, client=client, now=now, settings=settings)
-    if scope is not None:
-        _log("throttled", audit.LOGIN_THROTTLED, scope=scope)
-        return None
+    throttle = login_throttle.check(session, name=attempted, client=client, now=now, settings=settings)
+    if throttle is not None:
+        _log("throttled", audit.LOGIN_THROTTLED, scope=throttle.scope,
+             retry_after=math.ceil(throttle.retry_after))
+        return SignIn(None, retry_after=throttle.retry_after)
     if len(password or "") > MAX_PASSWORD_LENGTH:
         _log("failure", audit.LOGIN_FAILURE, reason="password_too_long")
-        return None
+        return SignIn(None)
     user = None if attempted == INVALID_NAME else get_user(session, name=attempted)
     if user is None:
         _burn_hash_time(password or "")
         _log("failure", audit.LOGIN_FAILURE, reason="unknown_user")
-        return None
+        return SignIn(None)
     if not _verify(user.password_hash, password or ""):
         _log("failure", audit.LOGIN_FAILURE, reason="bad_password")
-        return None
+        return SignIn(None)
     if user.disabled:
         _log("failure", audit.LOGIN_FAILURE, reason="disabled")
-        return None
+        return SignIn(None)
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = _hasher.hash(password)
     user.last_login_at = now
     _log("success", audit.LOGIN_SUCCESS, role=user.role)
     session.flush()
-    return user
+    return SignIn(user)
 
 
 def _token_hash(token: str) -> str:

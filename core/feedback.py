@@ -9,9 +9,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.csvsafe import safe_cell
 from core.models import Study
-from core.pseudonym import load_salt, patient_key
-from core.settings import get_settings
+from core.pseudonym import patient_key
 
 # patient_key is last so earlier readers of the format keep working. No patient ID, name or accession
 # number is ever exported: patient_key (see core.pseudonym) lets one patient's films be linked, nothing more.
@@ -27,30 +27,30 @@ def _iso(value) -> str:
     return value.isoformat() if value is not None else ""
 
 
-def feedback_rows(session: Session, *, salt: bytes | None = None) -> Iterable[dict]:
+def feedback_rows(session: Session, *, salt: bytes) -> Iterable[dict]:
     """Yields export rows for every scored study with a recorded finding, oldest feedback first.
 
     Score, threshold, flag and calibration are the ones in force when the study was scored,
     so the outcome column (TP/FP/TN/FN) can be checked against them. A DICOM study's finding is recorded on
-    each of its scored images, so each image is one row with its own logit. The salt defaults to the
-    configured one (core.pseudonym.load_salt), read only when a row has a patient.
+    each of its scored images, so each image is one row with its own logit. The salt is the configured one
+    (core.pseudonym.load_salt), passed in by the caller. Numbers stay numbers; every text cell is made
+    spreadsheet-safe (core.csvsafe), since reviewers' comments are free text.
     """
     studies = session.scalars(select(Study).where(Study.finding.is_not(None), Study.logit.is_not(None))
                               .order_by(Study.feedback_at, Study.id))
     for s in studies:
-        if s.patient_id and salt is None:
-            salt = load_salt(get_settings())
-        yield {"study_id": s.id, "received_at": _iso(s.received_at), "scored_at": _iso(s.scored_at),
-               "feedback_at": _iso(s.feedback_at), "model_version": s.model_version or "",
-               "calibration_version": s.scored_calibration_version or "", "logit": repr(float(s.logit)),
-               "score": repr(float(s.scored_score)), "threshold": repr(float(s.scored_threshold)),
-               "flagged": int(bool(s.scored_flagged)), "finding": s.finding, "outcome": s.outcome or "",
-               "reviewer": s.reviewer or "", "comment": s.finding_comment or "",
+        row = {"study_id": s.id, "received_at": _iso(s.received_at), "scored_at": _iso(s.scored_at),
+               "feedback_at": _iso(s.feedback_at), "model_version": s.model_version,
+               "calibration_version": s.scored_calibration_version, "logit": float(s.logit),
+               "score": float(s.scored_score), "threshold": float(s.scored_threshold),
+               "flagged": int(bool(s.scored_flagged)), "finding": s.finding, "outcome": s.outcome,
+               "reviewer": s.reviewer, "comment": s.finding_comment,
                "patient_key": patient_key(salt, s.patient_id) if s.patient_id else ""}
+        yield {column: safe_cell(value) for column, value in row.items()}
 
 
-def feedback_csv(session: Session, *, salt: bytes | None = None) -> str:
-    """Returns the whole export as CSV text."""
+def feedback_csv(session: Session, *, salt: bytes) -> str:
+    """Returns the whole export as CSV text (floats written in full precision, as repr does)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

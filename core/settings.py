@@ -1,10 +1,11 @@
 """All configuration in one place: environment variables with the CHESTAID_ prefix."""
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import SecretStr, model_validator
+from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +48,20 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     dicom_ae_title: str = "CHESTAID"
     dicom_allowed_aes: list[str] = []  # calling AE titles accepted; empty = any (JSON list in the env)
-    # Sign-in throttling (issue 5): failures counted in the database, so it holds across web processes.
-    login_max_failures_per_account: int = 5
+    # Sign-in throttling (issues 5, 8): failures counted in the database, so it holds across web processes.
+    # Per (account, client) pair, with no lock-out: after login_failures_before_delay failures each further
+    # try from that client for that account waits base * 2^(extra failures) seconds (at most the max), so a
+    # stranger guessing never blocks the owner signing in from elsewhere. Failures are remembered this long.
+    login_failures_before_delay: int = 5
+    login_delay_base_seconds: float = 1.0
+    login_delay_max_seconds: float = 3600.0
+    login_failure_memory_seconds: int = 86_400
+    # Per client, across all accounts (password spraying): at most this many failures per window.
     login_max_failures_per_client: int = 20
     login_throttle_window_seconds: int = 900
+    # Reverse proxies (IP addresses or networks) whose X-Forwarded-For is believed; empty: none, the client
+    # is the TCP peer (JSON list in the env, e.g. CHESTAID_TRUSTED_PROXIES='["10.0.0.5", "172.16.0.0/12"]').
+    trusted_proxies: list[str] = []
     # Web sessions (issue 5): signed cookies. An empty secret is generated once and kept in
     # data_dir/session_secret (mode 0600), shared by the web processes of one machine; deployments with
     # web processes on several machines must set CHESTAID_SESSION_SECRET to the same value on each.
@@ -63,6 +74,16 @@ class Settings(BaseSettings):
     # generated once and kept in data_dir/pseudonym_salt (mode 0600); keep it (and back it up) so the keys
     # of one patient stay the same across exports, and set the same value everywhere exports are compared.
     pseudonym_salt: SecretStr = SecretStr("")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network") from None
+        return [entry.strip() for entry in value]
 
     @model_validator(mode="after")
     def _defaults(self) -> "Settings":

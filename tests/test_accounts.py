@@ -20,7 +20,8 @@ from core.settings import Settings, get_settings
 
 PW = "correct horse battery"
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
-LIMITS = Settings(login_max_failures_per_account=5, login_max_failures_per_client=20,
+LIMITS = Settings(login_failures_before_delay=5, login_delay_base_seconds=1.0, login_delay_max_seconds=3600,
+                  login_failure_memory_seconds=86_400, login_max_failures_per_client=20,
                   login_throttle_window_seconds=900)
 
 
@@ -29,12 +30,18 @@ def add_user(url: str, name: str = "dana", role: str = "doctor", password: str =
         auth.create_user(s, name=name, role=role, password=password, actor="test")
 
 
+def attempt(url: str, name: str = "dana", password: str = PW, client: str = "10.0.0.1", now=NOW,
+            settings: Settings = LIMITS) -> tuple[str | None, float | None]:
+    """Returns (the signed-in user's name or None, seconds to wait if throttled or None)."""
+    with session_scope(url) as s:
+        result = auth.authenticate(s, name=name, password=password, client=client, now=now, settings=settings)
+        return (result.user.name if result.user is not None else None), result.retry_after
+
+
 def login(url: str, name: str = "dana", password: str = PW, client: str = "10.0.0.1", now=NOW,
           settings: Settings = LIMITS) -> str | None:
     """Returns the signed-in user's name, or None."""
-    with session_scope(url) as s:
-        user = auth.authenticate(s, name=name, password=password, client=client, now=now, settings=settings)
-        return user.name if user is not None else None
+    return attempt(url, name, password, client, now, settings)[0]
 
 
 def actions(url: str) -> list[str]:
@@ -44,8 +51,10 @@ def actions(url: str) -> list[str]:
 
 def test_settings_defaults_are_the_documented_limits():
     s = Settings()
-    assert (s.login_max_failures_per_account, s.login_max_failures_per_client,
-            s.login_throttle_window_seconds) == (5, 20, 900)
+    assert (s.login_failures_before_delay, s.login_delay_base_seconds, s.login_delay_max_seconds,
+            s.login_failure_memory_seconds, s.login_max_failures_per_client,
+            s.login_throttle_window_seconds) == (5, 1.0, 3600.0, 86_400, 20, 900)
+    assert s.trusted_proxies == []
 
 
 def test_password_is_stored_as_argon2_hash_only(db_url):
@@ -103,24 +112,43 @@ def test_disabled_user_cannot_sign_in(db_url):
     assert login(db_url) == "dana"
 
 
-def test_account_throttle_refuses_without_checking_password_and_lifts_after_window(db_url, monkeypatch):
+def test_pair_throttle_delays_grow_and_spare_the_owner_on_another_client(db_url, monkeypatch):
     add_user(db_url)
-    for i in range(5):
-        assert login(db_url, password=f"wrong-{i}-password", client=f"10.0.1.{i}",
-                     now=NOW + dt.timedelta(minutes=i)) is None
+    attacker = "10.6.6.6"
+    for i in range(5):  # the free failures: no wait between them
+        assert attempt(db_url, password=f"wrong-{i}-password", client=attacker,
+                       now=NOW + dt.timedelta(seconds=i)) == (None, None)
     checked = []
     real_verify = auth._verify
     monkeypatch.setattr(auth, "_verify", lambda h, p: checked.append(p) or real_verify(h, p))
-    # The right password from a fresh address is still refused: the account is throttled.
-    assert login(db_url, client="10.9.9.9", now=NOW + dt.timedelta(minutes=5)) is None
-    assert checked == []
+    # Each further failure doubles the wait after it: 1, 2, 4, 8 seconds. Trying too early is refused
+    # unheard, even with the right password, and says how long is left.
+    t = NOW + dt.timedelta(seconds=4)  # the fifth failure
+    waits = []
+    for n in range(4):
+        assert attempt(db_url, client=attacker, now=t + dt.timedelta(seconds=0.25)) == (None, pytest.approx(
+            2.0 ** n - 0.25))
+        t += dt.timedelta(seconds=2.0 ** n)
+        name, wait = attempt(db_url, password="yet another guess", client=attacker, now=t)
+        assert name is None and wait is None  # on time: heard, and wrong
+        waits.append(attempt(db_url, client=attacker, now=t)[1])
+    assert waits == [2.0, 4.0, 8.0, 16.0]
+    assert checked == ["yet another guess"] * 4  # throttled attempts never reached the password check
+    # The owner, on another client, signs in at once: a stranger's guessing locks nobody out.
+    assert attempt(db_url, client="10.0.0.1", now=t) == ("dana", None)
+    # The owner's success elsewhere does not clear the attacker's pair.
+    assert attempt(db_url, client=attacker, now=t)[1] == 16.0
     with session_scope(db_url) as s:
-        event = s.scalars(select(AuditEvent).where(AuditEvent.action == audit.LOGIN_THROTTLED)).one()
-        assert (event.actor, event.client, event.detail) == ("dana", "10.9.9.9", {"scope": "account"})
-        assert s.scalars(select(LoginAttempt.outcome).order_by(LoginAttempt.id.desc()).limit(1)).one() == "throttled"
-    # 15 minutes after the first failure it drops out of the window: one more try is allowed.
-    assert login(db_url, client="10.9.9.9", now=NOW + dt.timedelta(minutes=15, seconds=1)) == "dana"
-    assert checked == [PW]
+        throttled = s.scalars(select(AuditEvent).where(AuditEvent.action == audit.LOGIN_THROTTLED)
+                              .order_by(AuditEvent.id)).all()
+        assert [(e.actor, e.client, e.detail["scope"]) for e in throttled] == [("dana", attacker, "pair")] * 9
+        assert [e.detail["retry_after"] for e in throttled] == [1, 2, 2, 4, 4, 8, 8, 16, 16]
+        outcomes = list(s.scalars(select(LoginAttempt.outcome).where(LoginAttempt.client == attacker)))
+        assert outcomes.count("throttled") == 9 and outcomes.count("failure") == 9
+    # Waits stop at the maximum, and failures older than the memory are forgotten.
+    assert [auth.login_throttle.pair_delay(f, settings=LIMITS) for f in (4, 5, 6, 16, 17, 10_000)] == [
+        0.0, 1.0, 2.0, 2048.0, 3600.0, 3600.0]
+    assert attempt(db_url, client=attacker, now=t + dt.timedelta(days=1, seconds=1)) == ("dana", None)
 
 
 def test_success_clears_the_account_count(db_url):
@@ -134,19 +162,20 @@ def test_success_clears_the_account_count(db_url):
     assert audit.LOGIN_THROTTLED not in actions(db_url)
 
 
-def test_client_throttle_is_per_address_and_lifts_after_window(db_url):
+def test_client_cap_across_accounts_is_per_address_and_lifts_after_window(db_url):
     add_user(db_url)
-    limits = Settings(login_max_failures_per_account=5, login_max_failures_per_client=4,
-                      login_throttle_window_seconds=900)
-    for i in range(4):  # four different accounts guessed from one address
-        assert login(db_url, name=f"guess{i}", client="10.0.0.66", settings=limits) is None
+    limits = LIMITS.model_copy(update={"login_max_failures_per_client": 4})
+    for i in range(4):  # four different accounts guessed from one address (spraying)
+        assert login(db_url, name=f"guess{i}", client="10.0.0.66", now=NOW + dt.timedelta(seconds=i),
+                     settings=limits) is None
     later = NOW + dt.timedelta(minutes=1)
-    assert login(db_url, client="10.0.0.66", now=later, settings=limits) is None
+    # The first failure leaves the 15-minute window 14 minutes from now, bringing the client under the cap.
+    assert attempt(db_url, client="10.0.0.66", now=later, settings=limits) == (None, 840.0)
     assert login(db_url, client="10.0.0.7", now=later, settings=limits) == "dana"
     assert login(db_url, client="10.0.0.66", now=NOW + dt.timedelta(minutes=15, seconds=1), settings=limits) == "dana"
     with session_scope(db_url) as s:
         event = s.scalars(select(AuditEvent).where(AuditEvent.action == audit.LOGIN_THROTTLED)).one()
-    assert (event.client, event.detail) == ("10.0.0.66", {"scope": "client"})
+    assert (event.client, event.detail) == ("10.0.0.66", {"scope": "client", "retry_after": 840})
 
 
 def test_weak_hash_is_upgraded_on_login(db_url):

@@ -112,7 +112,7 @@ def test_export_csv_columns_detail_and_formula_guard(db_url):
 
 def test_every_account_action_is_audited_without_secrets(db_url):
     """Runs each audited account action once, then reads the whole trail back."""
-    limits = Settings(login_max_failures_per_account=2, login_max_failures_per_client=20,
+    limits = Settings(login_failures_before_delay=2, login_delay_base_seconds=120, login_max_failures_per_client=20,
                       login_throttle_window_seconds=900)
     with session_scope(db_url) as s:
         auth.create_user(s, name="ada", role="admin", password=PW, actor="cli:root")
@@ -130,7 +130,7 @@ def test_every_account_action_is_audited_without_secrets(db_url):
         auth.enable_user(s, name="dana", actor="ada", actor_role="admin", client="10.0.0.9")
         (row, _), = auth.list_tokens(s)
         auth.revoke_token(s, token_id=row.id, actor="ada", actor_role="admin", client="10.0.0.9")
-        audit.record(s, actor="dana", role="doctor", client="10.0.0.5", action=audit.LOGOUT)
+        auth.sign_out(s, user=auth.get_user(s, name="dana"), client="10.0.0.5")
     with session_scope(db_url) as s:
         events = [(e.action, e.actor, e.role, e.client, e.detail)
                   for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
@@ -144,7 +144,7 @@ def test_every_account_action_is_audited_without_secrets(db_url):
         ("login_success", "dana", "doctor", "10.0.0.5", {}),
         ("login_failure", "dana", None, "10.0.0.5", {"reason": "bad_password"}),
         ("login_failure", "dana", None, "10.0.0.5", {"reason": "bad_password"}),
-        ("login_throttled", "dana", None, "10.0.0.5", {"scope": "account"}),
+        ("login_throttled", "dana", None, "10.0.0.5", {"scope": "pair", "retry_after": 60}),
         ("user_disabled", "ada", "admin", "10.0.0.9", {"user": "dana", "tokens_revoked": 1}),
         ("user_enabled", "ada", "admin", "10.0.0.9", {"user": "dana"}),
         ("logout", "dana", "doctor", "10.0.0.5", {}),

@@ -115,7 +115,7 @@ def test_activate_rescored_studies_and_reactivate_previous(bundle_dir, tmp_path,
         np.testing.assert_allclose([r.score for r in rows], expected, atol=1e-12)
         assert [r.flagged for r in rows] == [bool(e >= new_meta["threshold"]) for e in expected]
         assert [r.scored_calibration_version for r in rows] == [original] * 3  # history kept
-        export = list(csv.DictReader(feedback_csv(s).splitlines()))
+        export = list(csv.DictReader(feedback_csv(s, salt=b"test salt").splitlines()))
         assert [float(r["logit"]) for r in export] == logits
         # Patients appear only as the salted pseudonymous key (empty for these non-DICOM films).
         assert [k for k in export[0] if "patient" in k] == ["patient_key"]

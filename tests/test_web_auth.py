@@ -34,7 +34,7 @@ from tests.test_web import PASSWORD, csrf_token, sign_in
 from web import sessions
 from web.access import is_api_route, iter_routes, route_access
 from web.app import create_app
-from web.login import SIGN_IN_FAILED, safe_next
+from web.login import SIGN_IN_FAILED, THROTTLED, safe_next
 
 HTML = {"Accept": "text/html"}
 USERS = {"nurse": "nina", "doctor": "dora", "admin": "adam"}
@@ -275,25 +275,27 @@ def login_error(html: str) -> str:
     return re.search(r'id="login-error">(.*?)</p>', html, re.S).group(1)
 
 
-def test_login_throttling_through_the_form(site):
+def test_login_throttling_through_the_form(site, clock):
     with TestClient(site.app) as c:
         unknown = c.post("/login", data={"name": "nobody", "password": PASSWORD, "csrf_token": csrf_token(c, "/login")})
         assert unknown.status_code == 401 and login_error(unknown.text) == SIGN_IN_FAILED
-        for i in range(site.settings.login_max_failures_per_account):
+        for i in range(site.settings.login_failures_before_delay):
             r = c.post("/login", data={"name": "dora", "password": f"wrong password {i}",
                                        "csrf_token": csrf_token(c, "/login")})
             assert r.status_code == 401 and login_error(r.text) == SIGN_IN_FAILED
             assert 'value="dora"' in r.text  # the name stays filled in, the password does not
-        # Now even the right password is refused, with the same words: the account is throttled.
+        # Now even the right password is refused unheard: this client must wait before trying this account.
         r = c.post("/login", data={"name": "dora", "password": PASSWORD, "csrf_token": csrf_token(c, "/login")})
-        assert r.status_code == 401 and login_error(r.text) == SIGN_IN_FAILED
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert login_error(r.text) == THROTTLED.format(seconds=1)
         assert c.get("/", follow_redirects=False).status_code == 303  # still signed out
-        # Another account from the same address is not throttled yet.
+        # Another account from the same address is not throttled.
         sign_in(c, "nina")
     with session_scope(site.settings.database_url) as s:
         outcomes = [(a.name, a.outcome, a.client) for a in s.scalars(select(LoginAttempt).order_by(LoginAttempt.id))]
         throttled = s.scalars(select(AuditEvent).where(AuditEvent.action == audit.LOGIN_THROTTLED)).one()
-        assert (throttled.actor, throttled.client, throttled.detail) == ("dora", "testclient", {"scope": "account"})
+        assert (throttled.actor, throttled.client, throttled.detail) == (
+            "dora", "testclient", {"scope": "pair", "retry_after": 1})
     assert outcomes == [("nobody", "failure", "testclient")] + [("dora", "failure", "testclient")] * 5 + [
         ("dora", "throttled", "testclient"), ("nina", "success", "testclient")]
 

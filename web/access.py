@@ -45,7 +45,8 @@ def _is_background_poll(request: Request) -> bool:
 def current_user(request: Request, session: SessionDep) -> User | None:
     """Returns the signed-in user (API token on /api/*, else the session cookie), or None.
 
-    A session whose user is gone, disabled, or changed password after it was issued is ended.
+    A session whose user is gone, disabled, changed password or signed out (anywhere) after it was issued
+    is ended: its cookie carries an older session generation than the user's.
     """
     if hasattr(request.state, "user"):
         return request.state.user
@@ -63,7 +64,8 @@ def current_user(request: Request, session: SessionDep) -> User | None:
     if state.user_id is None:
         return None
     user = auth.get_user_by_id(session, user_id=state.user_id)
-    if user is None or user.disabled or user.password_changed_at.timestamp() > state.issued_at:
+    if (user is None or user.disabled or user.password_changed_at.timestamp() > state.issued_at
+            or state.generation != user.session_generation):
         state.end("You have been signed out. Please sign in again.")
         return None
     if not _is_background_poll(request):

@@ -1,7 +1,8 @@
 """Signed-cookie sessions: who signed in and when, the CSRF token, and a one-shot notice for the next page.
 
-The cookie holds no secret and nothing about patients: a user id, two times, a random CSRF token. It is
-signed (itsdangerous, HMAC) so it cannot be forged; each request re-checks the user in the database.
+The cookie holds no secret and nothing about patients: a user id, the user's session generation, two times, a
+random CSRF token. It is signed (itsdangerous, HMAC) so it cannot be forged; each request re-checks the user in
+the database, and a cookie from an older generation (the user signed out since) is refused.
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ class SessionState:
         return uid if isinstance(uid, int) else None
 
     @property
+    def generation(self) -> int:
+        """The user's session generation when this session began; a sign-out anywhere moves it on."""
+        gen = self.data.get("gen", 0)
+        return gen if isinstance(gen, int) else -1
+
+    @property
     def issued_at(self) -> float:
         return float(self.data.get("iat", 0.0))
 
@@ -74,10 +81,14 @@ class SessionState:
             self.modified = True
         return token
 
-    def start(self, user_id: int) -> None:
-        """Signs a user in with a fresh session (new CSRF token: nothing from before sign-in carries over)."""
+    def start(self, user_id: int, *, generation: int) -> None:
+        """Signs a user in with a fresh session (new CSRF token: nothing from before sign-in carries over).
+
+        generation is the user's current session generation (users.session_generation); the session is
+        void once it moves on (sign-out, password change, disabling), even if someone kept a copy of the cookie.
+        """
         t = now()
-        self.data = {"uid": user_id, "iat": t, "seen": t, "csrf": secrets.token_urlsafe(32)}
+        self.data = {"uid": user_id, "gen": generation, "iat": t, "seen": t, "csrf": secrets.token_urlsafe(32)}
         self.modified = True
 
     def touch(self) -> None:

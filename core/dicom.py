@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import os
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime, time
 from pathlib import Path
@@ -11,12 +13,14 @@ import numpy as np
 import pydicom
 import pydicom.config
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom import uid
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+from pydicom.filereader import read_dataset
 from pydicom.valuerep import DA, TM
 
-from core.imaging import MIN_SIDE, ImageRejected
+from core.dicom_pixels import to_8bit
+from core.imaging import DEFAULT_MAX_FILE_BYTES, MIN_SIDE, ImageRejected, over_limit
 
 # pydicom's read-time validation warnings quote element values (names, IDs, dates); they must never reach a log.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -109,18 +113,65 @@ def _upper(value: str | None) -> str | None:
     return value.upper() if value else None
 
 
-def _parse(stream: BinaryIO, *, header_only: bool) -> Dataset:
+def _is_pixel_data(tag, vr, length) -> bool:
+    return tag in (0x7FE00008, 0x7FE00009, 0x7FE00010)  # Float, Double Float and (plain) Pixel Data
+
+
+def _not_file_meta(tag, vr, length) -> bool:
+    return tag >> 16 != 0x0002
+
+
+def inflate_bounded(deflated: bytes, *, max_bytes: int) -> bytes:
+    """Inflates a raw deflate stream (PS3.5 A.5) to at most max_bytes; a larger result is refused unbuilt."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(deflated, max_bytes + 1)
+    except zlib.error as exc:
+        raise ImageRejected(f"unreadable DICOM header: corrupt Deflated data ({exc})") from exc
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise ImageRejected(f"Deflated DICOM inflates beyond {max_bytes:,} bytes")
+    return out
+
+
+def _read_deflated(stream: BinaryIO, *, header_only: bool, max_bytes: int) -> Dataset | None:
+    """Reads a Deflated Explicit VR Little Endian file with its inflated size capped; None for other syntaxes.
+
+    pydicom inflates such a file in one unbounded call (a 299 KiB file can hold hundreds of megabytes of
+    zeros), so the file meta is read here, the rest inflated under the cap and parsed as pydicom would.
+    """
+    stream.seek(132)
+    meta = FileMetaDataset(read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
+                                        stop_when=_not_file_meta))
+    if meta.get("TransferSyntaxUID") != uid.DeflatedExplicitVRLittleEndian:
+        return None
+    inflated = io.BytesIO(inflate_bounded(stream.read(), max_bytes=max_bytes))
+    body = read_dataset(inflated, is_implicit_VR=False, is_little_endian=True,
+                        stop_when=_is_pixel_data if header_only else None)
+    stream.seek(0)
+    ds = FileDataset(inflated, body, preamble=stream.read(128), file_meta=meta, is_implicit_VR=False,
+                     is_little_endian=True)
+    ds.set_original_encoding(False, True)
+    return ds
+
+
+def _parse(stream: BinaryIO, *, header_only: bool, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Dataset:
     head = stream.read(132)
     if not head:
         raise ImageRejected("empty file (0 bytes)")
     if not is_dicom(head):
         raise ImageRejected("not a DICOM file (no DICM preamble)")
-    stream.seek(0)
     try:
-        ds = pydicom.dcmread(stream, stop_before_pixels=header_only)
+        ds = _read_deflated(stream, header_only=header_only, max_bytes=max_bytes)
+        if ds is None:
+            stream.seek(0)
+            ds = pydicom.dcmread(stream, stop_before_pixels=header_only)
         uid_present = bool(str(ds.get("SOPInstanceUID") or "").strip())
+    except ImageRejected:
+        raise
     except InvalidDicomError as exc:
         raise ImageRejected(f"unreadable DICOM header: {exc}") from exc
+    except MemoryError as exc:
+        raise ImageRejected("unreadable DICOM header: an element is too large to read") from exc
     except Exception as exc:  # pydicom raises many types on malformed input; its messages may quote values (PHI)
         raise ImageRejected(f"unreadable DICOM header ({type(exc).__name__})") from exc
     if not uid_present:
@@ -136,28 +187,46 @@ def _info(ds: Dataset) -> DicomInfo:
         raise ImageRejected(f"unreadable DICOM header ({type(exc).__name__})") from exc
 
 
-def read_dicom_info(source: bytes | str | Path) -> DicomInfo:
-    """Reads identity from the header only (a file's pixel data is not even read), for ingest to record quickly."""
+def read_dicom_info(source: bytes | str | Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> DicomInfo:
+    """Reads identity from the header only (a file's pixel data is not even read), for ingest to record quickly.
+
+    A file over max_bytes is refused; so is a Deflated file that would inflate beyond it.
+    """
     if isinstance(source, (str, Path)):
         with open(source, "rb") as fh:
-            return _info(_parse(fh, header_only=True))
-    return _info(_parse(io.BytesIO(source), header_only=True))
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_bytes:
+                raise ImageRejected(over_limit(size, max_bytes))
+            return _info(_parse(fh, header_only=True, max_bytes=max_bytes))
+    if len(source) > max_bytes:
+        raise ImageRejected(over_limit(len(source), max_bytes))
+    return _info(_parse(io.BytesIO(source), header_only=True, max_bytes=max_bytes))
 
 
-def header_identity(path: Path) -> tuple[DicomInfo | None, str | None]:
+_UID_ATTRIBUTES = (("sop_instance_uid", "SOPInstanceUID"), ("sop_class_uid", "SOPClassUID"),
+                   ("study_instance_uid", "StudyInstanceUID"), ("series_instance_uid", "SeriesInstanceUID"))
+
+
+def header_identity(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[DicomInfo | None, str | None]:
     """For ingest: (identity, None) for a usable DICOM header, (None, reason) for an unusable one, (None, None)
-    for a file that is not DICOM at all."""
+    for a file that is not DICOM at all.
+
+    The four UIDs must be valid DICOM UIDs (PS3.5 9.1: digits and dots, no leading zero in a component other
+    than "0" itself, at most 64 characters): they key deduplication and grouping, so a malformed one fails.
+    """
     with open(path, "rb") as fh:
         if not is_dicom(fh.read(132)):
             return None, None
     try:
-        info = read_dicom_info(path)
+        info = read_dicom_info(path, max_bytes=max_bytes)
     except ImageRejected as exc:
         return None, str(exc)
-    for keyword in ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid"):
-        value = getattr(info, keyword) or ""
+    for attribute, keyword in _UID_ATTRIBUTES:
+        value = getattr(info, attribute) or ""
         if len(value) > 64:  # DICOM's limit; a clipped UID could merge distinct instances or studies
-            return None, f"unreadable DICOM header: {keyword} is {len(value)} characters, over the 64 allowed"
+            return None, f"unreadable DICOM header: {attribute} is {len(value)} characters, over the 64 allowed"
+        if value and not uid.UID(value).is_valid:
+            return None, f"unreadable DICOM header: {keyword} is not a valid DICOM UID"
     return info, None
 
 
@@ -191,75 +260,27 @@ def _decode(ds: Dataset) -> np.ndarray:
     return arr
 
 
-def _wide_voi_lut(ds: Dataset, item: Dataset) -> Dataset:
-    """Returns a dataset holding the same VOI LUT declared as 16 bits per entry (same values, same lookup).
-
-    pydicom 3.0.2's apply_voi indexes an 8-bit LUT with a uint8 array, so every input above 255 wraps round;
-    an 8-bit table of 4096 entries for 12-bit CR is common, and would be silently mis-mapped.
-    """
-    descriptor = item["LUTDescriptor"]
-    lut = Dataset()
-    lut.add_new(descriptor.tag, descriptor.VR, [*list(descriptor.value)[:2], 16])
-    lut["LUTData"] = item["LUTData"]
-    wide = Dataset()
-    wide.file_meta = ds.file_meta
-    wide.set_original_encoding(*ds.original_encoding)
-    wide.VOILUTSequence = [lut]
-    return wide
-
-
-def _voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, float]:
-    """Applies the VOI stage; returns the output and the range it is defined on (what maps to black..white)."""
-    sequence = ds.get("VOILUTSequence")
-    if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
-        if not np.issubdtype(values.dtype, np.integer):
-            # A float rescale output still holds integer values; the LUT indexes by integer.
-            values = np.rint(values).astype(np.int64)
-        entries, first, bits = (int(v) for v in sequence[0].LUTDescriptor)
-        lut_ds = _wide_voi_lut(ds, sequence[0]) if bits == 8 else ds
-        table = apply_voi(np.arange(first, first + (entries or 65536)), lut_ds, 0)
-        # Some writers declare 16 bits per entry for a 12-bit table; scaling by 2**16 would give a near-black film.
-        bits = min(bits, max(int(table.max()).bit_length(), 8))
-        return apply_voi(values, lut_ds, 0).astype(np.float64), 0.0, float(2**bits - 1)
-    if ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
-        # The window maps onto pydicom's output range; probing it with ±inf yields exactly that range.
-        lo, hi = sorted(apply_windowing(np.array([-np.inf, np.inf]), ds, 0))
-        return apply_windowing(values, ds, 0), float(lo), float(hi)
-    values = values.astype(np.float64)
-    return values, float(values.min()), float(values.max())
-
-
-def to_8bit(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Stored values → Modality LUT → VOI LUT/window (else min–max) → MONOCHROME1 inversion → uint8."""
-    try:
-        values, lo, hi = _voi(apply_modality_lut(arr, ds), ds)
-    except (ValueError, TypeError, NotImplementedError, IndexError, AttributeError, KeyError) as exc:
-        raise ImageRejected(f"invalid Modality LUT, VOI LUT or window in the DICOM header: {exc}") from exc
-    if not hi > lo:
-        raise ImageRejected("unreadable pixel data: the image holds a single value")
-    # MONOCHROME1 shows high values dark. The DX IOD pairs it with Presentation LUT Shape INVERSE, which names
-    # that same inversion, so the two together invert once; INVERSE on MONOCHROME2 inverts as well.
-    shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
-    inverted = str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1" or shape == "INVERSE"
-    # Inverting before rounding keeps a MONOCHROME1 film and its MONOCHROME2 twin bit-identical.
-    fraction = (hi - values) / (hi - lo) if inverted else (values - lo) / (hi - lo)
-    return np.clip(np.rint(fraction * 255.0), 0, 255).astype(np.uint8)
-
-
-def read_dicom(data: bytes, *, max_pixels: int, guard: bool = True) -> tuple[Image.Image, DicomInfo]:
+def read_dicom(data: bytes, *, max_pixels: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+               guard: bool = True) -> tuple[Image.Image, DicomInfo]:
     """Decodes a single-frame CR/DX chest film to 8-bit grayscale; raises FilmRefused (guard) or ImageRejected.
 
     guard=False skips the guard, to show a refused film to people; such pixels must never be scored.
     """
-    ds = _parse(io.BytesIO(data), header_only=False)
+    if len(data) > max_bytes:
+        raise ImageRejected(over_limit(len(data), max_bytes))
+    ds = _parse(io.BytesIO(data), header_only=False, max_bytes=max_bytes)
     info = _info(ds)
     reason = info.refusal() if guard else None
     if reason:
         raise FilmRefused(reason)
     try:
         _check_pixel_module(ds, max_pixels)
+        return Image.fromarray(to_8bit(_decode(ds), ds)), info
     except ImageRejected:
         raise
     except (TypeError, ValueError) as exc:  # e.g. Rows or NumberOfFrames that are not numbers
         raise ImageRejected(f"unreadable DICOM header: invalid image attributes ({type(exc).__name__})") from exc
-    return Image.fromarray(to_8bit(_decode(ds), ds)), info
+    except MemoryError as exc:
+        raise ImageRejected("unreadable pixel data: too large to decode in memory") from exc
+    except Exception as exc:  # any other decoder failure costs this file only; messages may quote values (PHI)
+        raise ImageRejected(f"unreadable DICOM file ({type(exc).__name__})") from exc

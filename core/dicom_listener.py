@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 STORAGE_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
                    DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
 # Only syntaxes that core.dicom can decode: a sender offered nothing else converts or reports the failure itself.
+# Deflated is safe to take: the stored file is capped at max_file_bytes, and core.dicom inflates it only up
+# to that cap (a deflate bomb fails at ingest with "Deflated DICOM inflates beyond N bytes").
 TRANSFER_SYNTAXES = [
     uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
     uid.ExplicitVRBigEndian, uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
@@ -37,6 +39,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # PS3.4 C-STORE "Refused: Out of Resources": the sender retries later
 CANNOT_UNDERSTAND = 0xC000
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+HOW_TO_ALLOW = ("set CHESTAID_DICOM_ALLOWED_AES='[\"PACS1\"]' (a JSON list) or pass --allow-ae PACS1 "
+                "to chestaid dicom-listen")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,16 +69,29 @@ def store_instance(inbox: Path, sop_instance_uid: str, data: bytes) -> Path:
     return final
 
 
-def _handle_store(event: evt.Event, inbox: Path) -> int:
-    """Answers one C-STORE: success only once the instance is durably in the inbox."""
+def _refuse_oversize(calling: str, sop_uid: str, size: int, max_bytes: int) -> int:
+    log.warning("refused SOP %s from %s: %d bytes, over the limit of %d (CHESTAID_MAX_FILE_BYTES)", sop_uid,
+                calling, size, max_bytes)
+    return OUT_OF_RESOURCES
+
+
+def _handle_store(event: evt.Event, inbox: Path, max_bytes: int) -> int:
+    """Answers one C-STORE: success only once the instance is durably in the inbox; over max_bytes, 0xA700."""
     calling = event.assoc.requestor.ae_title
     sop_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
     if len(sop_uid) > 64 or not _UID.fullmatch(sop_uid):
         log.warning("refused an instance from %s: invalid SOP Instance UID", calling)
         return CANNOT_UNDERSTAND
+    # pynetdicom has the encoded dataset in memory by now; checking its size first avoids copying a huge one.
+    size = event.request.DataSet.getbuffer().nbytes
+    if size > max_bytes:
+        return _refuse_oversize(calling, sop_uid, size, max_bytes)
     try:
         # The encoded bytes as sent, with preamble and file meta: the archive keeps the DICOM unchanged.
-        path = store_instance(inbox, sop_uid, event.encoded_dataset(include_meta=True))
+        data = event.encoded_dataset(include_meta=True)
+        if len(data) > max_bytes:  # the file meta can tip an instance just under the cap over it
+            return _refuse_oversize(calling, sop_uid, len(data), max_bytes)
+        path = store_instance(inbox, sop_uid, data)
     except OSError as exc:
         log.error("could not write SOP %s from %s to the inbox: %s", sop_uid, calling, exc.strerror or exc)
         return OUT_OF_RESOURCES
@@ -85,8 +102,27 @@ def _handle_store(event: evt.Event, inbox: Path) -> int:
     return SUCCESS
 
 
+def _handle_request(event: evt.Event, allowed: list[str]) -> None:
+    """Rejects an association whose calling AE title is not allowed (all of them when the list is empty)."""
+    calling = str(event.assoc.requestor.primitive.calling_ae_title or "").strip()
+    if calling in allowed:
+        return
+    if allowed:
+        log.warning("rejected an association from calling AE %r: not in the allow-list", calling)
+    else:
+        log.warning("rejected an association from calling AE %r: no calling AE titles are allowed; %s", calling,
+                    HOW_TO_ALLOW)
+    # Sent from EVT_REQUESTED, pynetdicom skips its own negotiation (PS3.8 A-ASSOCIATE-RJ: rejected-permanent,
+    # service-user, calling AE title not recognised), as it does for its own require_calling_aet check.
+    event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+    event.assoc.kill()
+
+
 def build_ae(ae_title: str, allowed: Iterable[str] = ()) -> AE:
-    """Builds the application entity: Verification, CR/DX/Secondary Capture storage, optional calling-AE allow-list."""
+    """Builds the application entity: Verification and CR/DX/Secondary Capture storage for allowed callers.
+
+    The allow-list itself is enforced by _handle_request, bound by _prepare; an empty list admits no one.
+    """
     ae = AE(ae_title=ae_title)
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_CLASSES:
@@ -103,9 +139,10 @@ def _prepare(settings: Settings, ae_title: str | None, allowed: Iterable[str] | 
     if pn_log.getEffectiveLevel() < logging.INFO:
         pn_log.setLevel(logging.INFO)
     settings.inbox.mkdir(parents=True, exist_ok=True)
-    allowed = list(settings.dicom_allowed_aes if allowed is None else allowed)
+    allowed = [a.strip() for a in (settings.dicom_allowed_aes if allowed is None else allowed) if a.strip()]
     ae = build_ae(ae_title or settings.dicom_ae_title, allowed)
-    handlers = [(evt.EVT_C_STORE, _handle_store, [settings.inbox])]
+    handlers = [(evt.EVT_REQUESTED, _handle_request, [allowed]),
+                (evt.EVT_C_STORE, _handle_store, [settings.inbox, settings.max_file_bytes])]
     return ae, handlers, allowed
 
 
@@ -129,8 +166,10 @@ def run_listener(settings: Settings, port: int | None = None, ae_title: str | No
     address = (host if host is not None else settings.dicom_host, settings.dicom_port if port is None else port)
     log.info("DICOM receiver %s listening on %s:%s, writing to %s", ae.ae_title, address[0], address[1],
              settings.inbox)
-    if not allowed:
-        log.warning("no AE-title allow-list: any DICOM node that can reach port %s may store instances", address[1])
+    if allowed:
+        log.info("accepting associations from calling AE titles: %s", ", ".join(allowed))
+    else:
+        log.warning("no calling AE titles are allowed, so every association will be rejected; %s", HOW_TO_ALLOW)
     try:
         ae.start_server(address, block=True, evt_handlers=handlers)  # returns on Ctrl-C (and SIGTERM, see cli)
     finally:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import calibrations
 from core import repository as repo
 from core.bundle import Bundle
 from core.calibration import calibrator_from_dict
@@ -59,7 +60,7 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
                 outcome[sid] = "skipped"
             else:
                 claimed.append(Claimed(sid, token, study.stored_path))
-        cal = repo.active_calibration(session)
+        cal = calibrations.in_force(session, bundle=bundle)
         calibration = ((calibrator_from_dict({"kind": cal.kind, "params": cal.params}), cal.threshold, cal.version)
                        if cal else (bundle.calibrator, bundle.threshold, bundle.calibration_version))
 

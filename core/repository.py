@@ -1,4 +1,5 @@
-"""Repository functions over studies, calibrations and worker heartbeats (keyword-only, no commits)."""
+"""Repository functions over studies and worker heartbeats (keyword-only, no commits); calibrations are in
+core.calibrations."""
 from __future__ import annotations
 
 import datetime as dt
@@ -7,8 +8,7 @@ import uuid
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from core.calibration import calibrator_from_dict
-from core.models import Calibration, Status, Study, WorkerHeartbeat, utcnow
+from core.models import Status, Study, WorkerHeartbeat, utcnow
 
 FINDINGS = ("pneumonia", "normal")
 # DICOM identity columns of Study; the same names as core.dicom.DicomInfo's fields.
@@ -216,60 +216,6 @@ def record_study_feedback(session: Session, *, study_id: int, finding: str, comm
     targets = [s for s in images if s.status == Status.SCORED] or [s for s in images if s.id == study_id]
     return [record_feedback(session, study_id=s.id, finding=finding, comment=comment, reviewer=reviewer)
             for s in targets]
-
-
-# --- calibrations -------------------------------------------------------------------------------
-
-
-def active_calibration(session: Session) -> Calibration | None:
-    """Returns the calibration in force."""
-    return session.scalars(select(Calibration).where(Calibration.active.is_(True))).first()
-
-
-def register_calibration(session: Session, *, version: str, model_version: str, kind: str, params: dict,
-                         threshold: float, source: str) -> Calibration:
-    """Adds a calibration (or returns the existing one with that version)."""
-    existing = session.scalars(select(Calibration).where(Calibration.version == version)).first()
-    if existing is not None:
-        return existing
-    cal = Calibration(version=version, model_version=model_version, kind=kind, params=params,
-                      threshold=threshold, source=source, active=False)
-    session.add(cal)
-    session.flush()
-    return cal
-
-
-def activate_calibration(session: Session, *, version: str) -> int:
-    """Makes a calibration active and re-scores every scored study from its stored logit; returns the count."""
-    cal = session.scalars(select(Calibration).where(Calibration.version == version)).first()
-    if cal is None:
-        raise LookupError(f"no calibration with version {version}")
-    session.execute(update(Calibration).where(Calibration.id != cal.id).values(active=False))
-    cal.active = True
-    cal.activated_at = utcnow()
-    calibrator = calibrator_from_dict({"kind": cal.kind, "params": cal.params})
-    studies = session.scalars(select(Study).where(Study.logit.is_not(None))).all()
-    if studies:
-        scores = calibrator.predict([s.logit for s in studies])
-        for study, score in zip(studies, scores):
-            study.score = float(score)
-            study.threshold = cal.threshold
-            study.flagged = bool(score >= cal.threshold)
-            study.calibration_version = cal.version
-    session.flush()
-    return len(studies)
-
-
-def ensure_bundle_calibration(session: Session, *, bundle_meta: dict, source: str) -> Calibration:
-    """Registers the bundle's own calibration and activates it when none is active (first start)."""
-    spec = bundle_meta["calibration"]
-    cal = register_calibration(session, version=spec["version"], model_version=bundle_meta["version"],
-                               kind=spec["kind"], params=spec["params"], threshold=float(bundle_meta["threshold"]),
-                               source=source)
-    current = active_calibration(session)
-    if current is None or current.model_version != bundle_meta["version"]:
-        activate_calibration(session, version=cal.version)
-    return active_calibration(session)
 
 
 # --- workers --------------------------------------------------------------------------------------

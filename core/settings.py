@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     # A study claimed this many times without a result (its worker died each time) fails as a poison file.
     max_claims: int = 3
     target_sensitivity: float = 0.90
+    # Local performance monitoring (issue 10, core.monitoring): alerts need this many reviewed cases, are
+    # measured on the latest monitor_window_cases of them, and drift on the scores of the last days.
+    monitor_min_cases: int = 100
+    monitor_window_cases: int = 300
+    monitor_max_ece: float = 0.05
+    monitor_max_psi: float = 0.25
+    monitor_drift_days: int = 30
     max_wait_minutes: int = 60  # a study unread this long is overdue and rises above unflagged studies
     stable_seconds: float = 1.0  # a file's size must stay unchanged this long before it is read
     requeue_after_seconds: int = 300  # queued/processing longer than this → enqueue again

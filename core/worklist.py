@@ -34,6 +34,7 @@ from collections import defaultdict
 from sqlalchemy import String, case, cast, func, literal_column, or_, select
 from sqlalchemy.orm import Session
 
+from core import calibrations
 from core import repository as repo
 from core.models import Status, Study, utcnow
 
@@ -291,7 +292,7 @@ def status_strip(session: Session, *, worker_alive_seconds: int, max_wait_minute
     overdue = _count_rows(session, *_unread_filter(), Study.received_at < _cutoff(now, max_wait_minutes))
     read_count = _count_rows(session, *_read_filter())
     workers = repo.live_workers(session, within_seconds=worker_alive_seconds)
-    cal = repo.active_calibration(session)
+    cal = calibrations.active(session)
     return StatusStrip(
         now=_aware(now), queued=counts.get(Status.QUEUED, 0), processing=counts.get(Status.PROCESSING, 0),
         unread=unread_count, overdue=overdue, failed=counts.get(Status.FAILED, 0), read=read_count,

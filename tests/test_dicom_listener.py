@@ -17,6 +17,7 @@ from pydicom import dcmread, uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from core.dicom import header_identity, read_dicom_info
 from core.dicom_listener import (
     OUT_OF_RESOURCES,
     STORAGE_CLASSES,
@@ -36,7 +37,8 @@ from tests.dicom_samples import (
     to_bytes,
 )
 
-SCU_SYNTAXES = [uid.ExplicitVRLittleEndian, uid.JPEG2000Lossless, uid.RLELossless]
+SCU_SYNTAXES = [uid.ExplicitVRLittleEndian, uid.JPEG2000Lossless, uid.RLELossless, uid.DeflatedExplicitVRLittleEndian]
+SENDERS = ["MODALITY1", "MODALITY2", "RUDE"]  # the calling AE titles the tests' receivers allow
 
 
 @pytest.fixture
@@ -46,7 +48,7 @@ def settings(tmp_path) -> Settings:
 
 @pytest.fixture
 def listener(settings):
-    server = start_listener(settings, port=0, ae_title="CHESTAID", host="127.0.0.1")
+    server = start_listener(settings, port=0, ae_title="CHESTAID", allowed=SENDERS, host="127.0.0.1")
     yield server
     stop_listener(server)
 
@@ -160,7 +162,7 @@ def test_other_modalities_are_refused_at_negotiation(listener, settings):
 
 def test_nothing_is_lost_when_the_receiver_stops_mid_way_and_restarts(settings):
     batch = instances(6)
-    server = start_listener(settings, port=0, ae_title="CHESTAID", host="127.0.0.1")
+    server = start_listener(settings, port=0, ae_title="CHESTAID", allowed=SENDERS, host="127.0.0.1")
     port = port_of(server)
     assoc = scu().associate("127.0.0.1", port, ae_title="CHESTAID")
     assert assoc.is_established
@@ -173,7 +175,7 @@ def test_nothing_is_lost_when_the_receiver_stops_mid_way_and_restarts(settings):
     assert statuses[2:] == [None] * 4
     assert send(port, batch[2:]) == [None] * 4  # nobody listening: the association is refused
 
-    server = start_listener(settings, port=port, ae_title="CHESTAID", host="127.0.0.1")
+    server = start_listener(settings, port=port, ae_title="CHESTAID", allowed=SENDERS, host="127.0.0.1")
     try:
         failed = [ds for ds, status in zip(batch, statuses) if status != 0]
         assert send(port, failed) == [0] * len(failed)
@@ -236,3 +238,69 @@ def test_cli_dicom_listen_receives_into_the_inbox(tmp_path):
     log = out.decode()
     assert f"received SOP {ds.SOPInstanceUID} from MODALITY1" in log
     assert PATIENT_ID not in log and PATIENT_NAME not in log
+
+
+def test_by_default_the_receiver_binds_loopback_and_rejects_every_association(settings, caplog):
+    caplog.set_level(logging.INFO)
+    assert (settings.dicom_host, settings.dicom_allowed_aes) == ("127.0.0.1", [])
+    server = start_listener(settings, port=0, ae_title="CHESTAID")  # host and allow-list from the settings
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        for caller in ("MODALITY1", "PACS1", "CHESTAID"):
+            assoc = scu(caller).associate("127.0.0.1", port_of(server), ae_title="CHESTAID")
+            assert assoc.is_rejected, caller
+            rejection = assoc.acceptor.primitive
+            # Rejected-permanent (1), by the service user (1): calling AE title not recognised (3).
+            assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x01, 0x01, 0x03)
+        assert send(port_of(server), instances(1)) == [None]
+    finally:
+        stop_listener(server)
+    assert list(settings.inbox.iterdir()) == []
+    assert "rejected an association from calling AE 'PACS1': no calling AE titles are allowed" in caplog.text
+    assert """set CHESTAID_DICOM_ALLOWED_AES='["PACS1"]'""" in caplog.text and "--allow-ae PACS1" in caplog.text
+
+
+def test_the_allow_list_from_the_environment_admits_only_its_titles(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHESTAID_DICOM_ALLOWED_AES", '["PACS1"]')
+    settings = Settings(data_dir=tmp_path / "var", inbox=tmp_path / "inbox")
+    server = start_listener(settings, port=0, ae_title="CHESTAID")
+    try:
+        ds = instances(1)[0]
+        assert send(port_of(server), [ds], ae_title="MODALITY1") == [None]
+        assert send(port_of(server), [ds], ae_title="PACS1") == [0]
+    finally:
+        stop_listener(server)
+    assert_received(settings.inbox, [ds])
+
+
+def test_an_instance_over_max_file_bytes_is_refused_with_out_of_resources_and_not_written(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    small = make_dataset(np.ascontiguousarray(film(fixture_images()[0])[:64, :64]))
+    big = instances(1)[0]
+    cap = len(to_bytes(small)) + 512
+    assert len(to_bytes(big)) > 4 * cap
+    settings = Settings(data_dir=tmp_path / "var", inbox=tmp_path / "inbox", max_file_bytes=cap)
+    server = start_listener(settings, port=0, ae_title="CHESTAID", allowed=SENDERS, host="127.0.0.1")
+    try:
+        assert send(port_of(server), [big, small]) == [OUT_OF_RESOURCES, 0]
+    finally:
+        stop_listener(server)
+    assert_received(settings.inbox, [small])
+    assert sorted(p.name for p in settings.inbox.iterdir()) == [f"{small.SOPInstanceUID}.dcm"]
+    assert f"refused SOP {big.SOPInstanceUID} from MODALITY1:" in caplog.text
+    assert f"over the limit of {cap}" in caplog.text
+
+
+def test_deflated_instances_are_received_and_a_deflate_bomb_fails_at_the_header_read(listener, settings):
+    good = make_dataset(film(fixture_images()[1]), WindowCenter=128, WindowWidth=256)
+    bomb = make_dataset(np.zeros((2000, 2000), dtype=np.uint16), bits_stored=12)  # 8 MB of zeros
+    for ds in (good, bomb):
+        ds.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+    assert send(port_of(listener), [good, bomb]) == [0, 0]
+    assert_received(settings.inbox, [good])
+    stored = settings.inbox / f"{bomb.SOPInstanceUID}.dcm"
+    assert stored.stat().st_size < 100_000  # the sender's deflate: small on the wire and on disk
+    assert header_identity(stored, max_bytes=1_000_000) == (None, "Deflated DICOM inflates beyond 1,000,000 bytes")
+    info, reason = header_identity(settings.inbox / f"{good.SOPInstanceUID}.dcm")
+    assert reason is None and info == read_dicom_info(to_bytes(good))
+    assert info.sop_instance_uid == good.SOPInstanceUID

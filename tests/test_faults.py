@@ -59,7 +59,7 @@ def inbox_files() -> dict[str, bytes]:
 EXPECTED_FAILURES = {
     "empty.jpeg": "empty file (0 bytes)",
     "truncated.jpeg": "truncated or corrupt image data: image file is truncated",
-    "notes.png": "not a recognised image file",
+    "notes.png": "not a PNG, JPEG or DICOM file",
     "huge.png": f"image is 600x600 = 360,000 pixels, over the limit of {MAX_PIXELS:,}",
     "tiny.png": "image is 50x50 pixels; films under 64 px are not scored",
 }
@@ -134,7 +134,7 @@ def test_a_duplicate_of_a_quarantined_file_is_still_recorded(tmp_path, db_url, b
     second = ingest_file(settings.inbox / "bad-again.png", settings=settings, enqueue=enqueued.append)
     with session_scope(db_url) as session:
         a, b = session.get(Study, first), session.get(Study, second)
-        assert (a.status, a.error) == (Status.FAILED, "not a recognised image file")
+        assert (a.status, a.error) == (Status.FAILED, "not a PNG, JPEG or DICOM file")
         assert (b.status, b.duplicate_of_id) == (Status.DUPLICATE, first)
         assert (settings.data_dir / a.stored_path).read_bytes() == b"garbage"
         assert (settings.data_dir / b.stored_path).read_bytes() == b"garbage"

@@ -109,7 +109,7 @@ def test_truncated_jpeg():
 
 
 def test_text_file_named_png():
-    assert rejection(b"patient list\nnot an image\n") == "not a recognised image file"
+    assert rejection(b"patient list\nnot an image\n") == "not a PNG, JPEG or DICOM file"
 
 
 def test_image_over_the_configured_pixel_limit():

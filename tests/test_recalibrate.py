@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from scipy.special import expit
 
 from cli import main
+from core import calibrations
 from core import repository as repo
 from core.bundle import load_bundle, read_meta
 from core.db import session_scope
@@ -89,7 +90,7 @@ def test_activate_rescored_studies_and_reactivate_previous(bundle_dir, tmp_path,
     meta = read_meta(bundle_dir)
     logits = [-3.0, 0.5, 2.0]
     with session_scope(db) as s:
-        original = repo.ensure_bundle_calibration(s, bundle_meta=meta, source=str(bundle_dir)).version
+        original = calibrations.ensure_bundle(s, bundle_meta=meta, source=str(bundle_dir), actor="test").version
         for i, z in enumerate(logits):
             st = repo.create_study(s, source_name=f"f{i}.png", sha256=f"{i:064d}", size_bytes=1, stored_path="x")
             token = repo.claim_study(s, study_id=st.id, worker="t")
@@ -124,9 +125,10 @@ def test_activate_rescored_studies_and_reactivate_previous(bundle_dir, tmp_path,
     from core.models import AuditEvent
     with session_scope(db) as s:
         events = s.query(AuditEvent).filter_by(action="calibration_activated").all()
+        # The bundle's own calibration came into force on first start (audited too), then the CLI's.
         assert [(e.detail["version"], e.detail["previous"], e.detail["rescored"]) for e in events] == [
-            (new_meta["calibration"]["version"], original, 3)]
-        assert events[0].actor.startswith("cli:")
+            (original, None, 0), (new_meta["calibration"]["version"], original, 3)]
+        assert events[0].actor == "test" and events[1].actor.startswith("cli:")
 
     listing = runner.invoke(main, ["calibration", "list"])
     assert f"* {new_meta['calibration']['version']}" in listing.output

@@ -79,7 +79,7 @@ def test_score_prints_the_reason_for_a_refused_file(bundle_dir, tmp_path):
                                        str(fixture_images()[0])])
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.exit_code == 1
-    assert rows[0] == {"path": str(bad), "error": "not a recognised image file"}
+    assert rows[0] == {"path": str(bad), "error": "not a PNG, JPEG or DICOM file"}
     assert "score" in rows[1]
 
 

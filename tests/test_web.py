@@ -20,6 +20,7 @@ from PIL import Image
 from scipy.special import expit
 
 from core import auth
+from core import calibrations
 from core import repository as repo
 from core.bundle import load_bundle
 from core.db import get_engine, session_scope
@@ -88,9 +89,9 @@ def build_site(root: Path, bundle_dir: Path, n_films: int = 3) -> Site:
     assert top > second, "the films need distinct scores"
     threshold = (top + second) / 2
     with session_scope(settings.database_url) as s:
-        repo.register_calibration(s, version="split", model_version=bundle.version, kind="temperature",
-                                  params={"temperature": 1.0}, threshold=threshold, source="test")
-        repo.activate_calibration(s, version="split")
+        calibrations.register(s, version="split", model_version=bundle.version, kind="temperature",
+                              params={"temperature": 1.0}, threshold=threshold, source="test", actor="test")
+        calibrations.activate(s, version="split", actor="test")
     assert process_studies(ids + [failed], bundle=bundle, settings=settings, worker="test") == {
         **{i: "scored" for i in ids}, failed: "failed"}
     with session_scope(settings.database_url) as s:

@@ -25,6 +25,7 @@ from PIL import Image
 from sqlalchemy import select, text
 
 from core import audit, auth
+from core import calibrations
 from core import repository as repo
 from core.db import get_engine, session_scope
 from core.models import AuditEvent, Base, Calibration, LoginAttempt
@@ -56,11 +57,11 @@ def build_site(root: Path, database_url: str, **overrides) -> AuthSite:
     settings.ensure_dirs()
     ids = []
     with session_scope(database_url) as s:
-        repo.register_calibration(s, version="base", model_version="m1", kind="temperature",
-                                  params={"temperature": 1.0}, threshold=0.5, source="test")
-        repo.register_calibration(s, version="older", model_version="m1", kind="temperature",
-                                  params={"temperature": 2.0}, threshold=0.6, source="test")
-        repo.activate_calibration(s, version="base")
+        calibrations.register(s, version="base", model_version="m1", kind="temperature",
+                              params={"temperature": 1.0}, threshold=0.5, source="test", actor="test")
+        calibrations.register(s, version="older", model_version="m1", kind="temperature",
+                              params={"temperature": 2.0}, threshold=0.6, source="test", actor="test")
+        calibrations.activate(s, version="base", actor="test")
         for n, (film, logit) in enumerate(zip(fixture_images()[:2], (2.0, -2.0))):
             data = film.read_bytes()
             stored = settings.archive_dir / f"{hashlib.sha256(data).hexdigest()}.jpeg"
@@ -500,7 +501,7 @@ def test_csrf_token_is_required_for_browser_posts(site, clients):
         assert post().status_code == 403
     with session_scope(site.settings.database_url) as s:
         assert repo.get_study(s, study_id=site.flagged).finding is None
-        assert repo.active_calibration(s).version == "base" and not auth.get_user(s, name="zed").disabled
+        assert calibrations.active(s).version == "base" and not auth.get_user(s, name="zed").disabled
     assert nurse.get("/").status_code == 200  # still signed in
     # With the page's token the same requests go through.
     assert send(doctor, "POST", url, {"data": {"finding": "normal"}}).status_code == 303
@@ -591,7 +592,7 @@ def test_audited_actions_through_http(site, clients):
     ]
     assert "no consolidation" not in json.dumps([r[5] for r in rows])  # comments stay out of the trail
     with session_scope(site.settings.database_url) as s:
-        active = repo.active_calibration(s)
+        active = calibrations.active(s)
         assert (active.version, active.threshold, active.kind, active.params) == (
             "older@t0.3500", 0.35, "temperature", {"temperature": 2.0})
         assert {c.version for c in s.scalars(select(Calibration))} == {"base", "older", "older@t0.3500"}
@@ -641,7 +642,7 @@ def test_admin_pages_browse_the_trail_and_report_mistakes(site, clients):
     assert r.status_code == 303 and "nothing changed" in admin.get("/admin/calibrations").text
     with session_scope(site.settings.database_url) as s:
         assert [u.name for u in auth.list_users(s)] == ["adam", "dora", "nina", "zed"]
-        assert not auth.get_user(s, name="adam").disabled and repo.active_calibration(s).version == "base"
+        assert not auth.get_user(s, name="adam").disabled and calibrations.active(s).version == "base"
     page = admin.get("/admin/calibrations").text
     assert re.search(r'<tr data-version="base" class="row-active">', page) and "IN FORCE" in page
     assert 'name="version" value="older"' in page

@@ -7,6 +7,7 @@ import uuid
 import pytest
 from sqlalchemy import select
 
+from core import calibrations
 from core import repository as repo
 from core import worklist as wl
 from core.db import session_scope
@@ -113,9 +114,9 @@ def test_status_strip_counts_workers_and_calibration(db_url):
         q = repo.create_study(s, source_name="q", sha256="d" * 64, size_bytes=1, stored_path="archive/q").id
         repo.create_study(s, source_name="q2", sha256="e" * 64, size_bytes=1, stored_path="archive/q2")
         assert repo.claim_study(s, study_id=q, worker="w1")
-        repo.register_calibration(s, version="cal-7", model_version="m1", kind="temperature",
-                                  params={"temperature": 1.0}, threshold=0.42, source="test")
-        repo.activate_calibration(s, version="cal-7")
+        calibrations.register(s, version="cal-7", model_version="m1", kind="temperature",
+                              params={"temperature": 1.0}, threshold=0.42, source="test", actor="test")
+        calibrations.activate(s, version="cal-7", actor="test")
     with session_scope(db_url) as s:
         strip = wl.status_strip(s, worker_alive_seconds=60, max_wait_minutes=MAX_WAIT, now=NOW)
         assert (strip.queued, strip.processing, strip.queue_length) == (1, 1, 2)
@@ -126,9 +127,9 @@ def test_status_strip_counts_workers_and_calibration(db_url):
         repo.heartbeat(s, name="worker-a", model_version="m1", device="cpu")
         repo.heartbeat(s, name="worker-b", model_version="m1", device="cpu")
         # A new calibration re-derives the displayed flags from the stored logits; the order follows.
-        repo.register_calibration(s, version="cal-strict", model_version="m1", kind="temperature",
-                                  params={"temperature": 1.0}, threshold=0.95, source="test")
-        repo.activate_calibration(s, version="cal-strict")
+        calibrations.register(s, version="cal-strict", model_version="m1", kind="temperature",
+                              params={"temperature": 1.0}, threshold=0.95, source="test", actor="test")
+        calibrations.activate(s, version="cal-strict", actor="test")
     with session_scope(db_url) as s:
         strip = wl.status_strip(s, worker_alive_seconds=60, max_wait_minutes=MAX_WAIT)
         assert strip.workers_alive == 2 and strip.model_versions == ["m1"]

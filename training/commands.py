@@ -140,14 +140,12 @@ def calibration():
 
 @calibration.command("list")
 def calibration_list():
-    """Lists known calibrations; * marks the active one."""
-    from sqlalchemy import select
-
+    """Lists known calibrations, oldest first; * marks the active one."""
+    from core import calibrations
     from core.db import session_scope
-    from core.models import Calibration
 
     with session_scope(_settings().database_url) as session:
-        for cal in session.scalars(select(Calibration).order_by(Calibration.created_at)):
+        for cal in reversed(calibrations.list_all(session)):
             click.echo(f"{'*' if cal.active else ' '} {cal.version}\t{cal.kind}\tthreshold {cal.threshold:.4f}\t"
                        f"model {cal.model_version}\t{cal.source}")
 
@@ -158,35 +156,23 @@ def calibration_list():
 def calibration_activate(bundle, version):
     """Makes a bundle's calibration (or a registered version) active and re-scores existing studies."""
     from cli_accounts import cli_actor
-    from core import audit
-    from core import repository as repo
+    from core import calibrations
     from core.bundle import BundleError, read_meta
     from core.db import session_scope
 
     if (bundle is None) == (version is None):
         raise click.UsageError("give either a BUNDLE folder or --version")
     settings = _settings()
+    actor = cli_actor()
     with session_scope(settings.database_url) as session:
-        if bundle is not None:
-            try:
-                meta = read_meta(bundle)
-                running = read_meta(settings.model_dir)
-            except BundleError as exc:
-                raise click.ClickException(str(exc)) from exc
-            if meta["version"] != running["version"]:
-                raise click.ClickException(f"{bundle} calibrates model {meta['version']}, but the service runs "
-                                           f"{running['version']}")
-            spec = meta["calibration"]
-            version = repo.register_calibration(session, version=spec["version"], model_version=meta["version"],
-                                                kind=spec["kind"], params=spec["params"],
-                                                threshold=float(meta["threshold"]), source=str(bundle)).version
-        previous = repo.active_calibration(session)
         try:
-            n = repo.activate_calibration(session, version=version)
-        except LookupError as exc:
+            if bundle is not None:
+                meta, running = read_meta(bundle), read_meta(settings.model_dir)
+                version = calibrations.register_bundle(session, meta=meta, running_model_version=running["version"],
+                                                       source=str(bundle), actor=actor).version
+            n = calibrations.activate(session, version=version, actor=actor)
+        except (BundleError, calibrations.CalibrationError) as exc:
             raise click.ClickException(str(exc)) from exc
-        audit.record(session, actor=cli_actor(), action=audit.CALIBRATION_ACTIVATED, version=version,
-                     previous=previous.version if previous else None, rescored=n)
     click.echo(f"calibration {version} is active; {n} studies re-scored from their stored logits")
 
 

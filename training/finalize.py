@@ -14,7 +14,9 @@ from sklearn.metrics import roc_auc_score
 
 from core.bundle import BF16_MAX_AUC_DROP, FORMAT_VERSION, load_network, save_weights, write_meta
 from core.calibration import calibrator_to_dict, fit_and_select, threshold_for_sensitivity
+from core.calibrations import version_name
 from core.model import ARCHITECTURE, build_network
+from core.monitoring import score_histogram
 from core.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from training.data import read_split_file
 from training.report import ECE_DEFINITION, metrics, metrics_table, plot_curves
@@ -28,12 +30,6 @@ def code_version() -> str:
                               check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def calibration_version(spec: dict, threshold: float) -> str:
-    """Names a calibration by its kind and a hash of its parameters and threshold."""
-    blob = json.dumps({"cal": spec, "threshold": threshold}, sort_keys=True).encode()
-    return f"{spec['kind']}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
 def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivity: float = 0.90) -> dict:
@@ -75,7 +71,8 @@ def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivit
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "preprocessing": "8-bit grayscale -> 224x224 bilinear (aspect ignored) -> 3 channels -> ImageNet mean/std",
         "weights_sha256": sha, "weights_dtype": "float16",
-        "calibration": {**spec, "version": calibration_version(spec, threshold), "fitted_on": "validation calibration half",
+        "calibration": {**spec, "version": version_name(spec=spec, threshold=threshold),
+                        "fitted_on": "validation calibration half",
                         "n": int(len(y_cal)), "selection": cal_table},
         "threshold": threshold, "target_sensitivity": target_sensitivity,
         "bf16_check": {"val_roc_auc_fp32": float(auc32), "val_roc_auc_bf16": float(auc16),
@@ -86,6 +83,9 @@ def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivit
         "split": {"file": "split.csv", "sha256": hashlib.sha256((run_dir / "split.csv").read_bytes()).hexdigest(),
                   "counts": {k: len(v) for k, v in splits.items()}},
         "metrics": {"report_half": report_metrics, "calibration_half": cal_metrics},
+        # What the service's scores should look like: core.monitoring measures local drift against it.
+        "reference_scores": {**score_histogram(z_rep), "computed_on": "validation report half",
+                             "precision": "bf16" if use_bf16 else "fp32"},
         "code_version": code_version(), "created_at": created.isoformat(timespec="seconds"),
     }
     write_meta(bundle_dir, meta)

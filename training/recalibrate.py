@@ -5,17 +5,17 @@ import datetime as dt
 import json
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 
-from core.bundle import WEIGHTS_FILE, read_meta, write_meta
 from core.calibration import (CALIBRATORS, brier, calibrator_from_dict, calibrator_to_dict, confusion_at,
                               expected_calibration_error, threshold_for_sensitivity)
+from core.calibrations import version_name
 from core.feedback import read_feedback_csv
-from training.finalize import calibration_version
 from training.report import ECE_DEFINITION, plot_curves
 
 MIN_CASES = 30
@@ -61,9 +61,49 @@ def summary(probs, flags, y) -> dict:
             "sensitivity": c["sensitivity"], "specificity": c["specificity"]}
 
 
+@dataclass
+class LocalFit:
+    """A local calibration fitted on reviewed cases, with its cross-validated before/after comparison."""
+
+    calibrator: object
+    spec: dict
+    threshold: float
+    version: str
+    before: dict  # the current calibration on the cohort
+    candidates: dict  # each calibrator kind, cross-validated
+    chosen: str
+    n_splits: int
+    target: float
+
+    @property
+    def after(self) -> dict:
+        return self.candidates[self.chosen]
+
+
+def fit_local(z, y, *, current: dict, current_threshold: float, target_sensitivity: float,
+              seed: int = 0) -> LocalFit:
+    """Compares calibrators by cross-validated ECE on (logit, finding) pairs, refits the best on all of them and
+    picks its threshold for the target sensitivity. `current` is the calibration spec in force (the "before").
+    The cohort must have passed check_cohort. Used by `chestaid recalibrate` and the performance page alike."""
+    z, y = np.asarray(z, float), np.asarray(y, int)
+    n_splits = int(min(5, y.sum(), len(y) - y.sum()))
+    before_probs = calibrator_from_dict(current).predict(z)
+    before = summary(before_probs, before_probs >= current_threshold, y)
+    candidates = {kind: summary(*cross_validated(kind, z, y, target_sensitivity, n_splits, seed), y)
+                  for kind in ("temperature", "platt", "isotonic")}
+    best = min(candidates, key=lambda k: candidates[k]["ece"])
+    final = CALIBRATORS[best]().fit(z, y)
+    threshold = threshold_for_sensitivity(final.predict(z), y, target_sensitivity)
+    spec = calibrator_to_dict(final)
+    return LocalFit(final, spec, threshold, version_name(spec=spec, threshold=threshold), before, candidates, best,
+                    n_splits, float(target_sensitivity))
+
+
 def recalibrate(feedback_csv: Path, bundle_dir: Path, out_dir: Path, *, target_sensitivity: float | None = None,
                 seed: int = 0) -> dict:
     """Writes a new bundle in out_dir sharing the weights, with a locally fitted calibrator and threshold."""
+    from core.bundle import WEIGHTS_FILE, read_meta, write_meta  # torch stays out of the web process
+
     meta = read_meta(bundle_dir)
     logits, labels, versions = read_feedback_csv(feedback_csv)
     notes = check_cohort(labels, versions, meta["version"])
@@ -71,17 +111,10 @@ def recalibrate(feedback_csv: Path, bundle_dir: Path, out_dir: Path, *, target_s
         warnings.warn(note, stacklevel=2)
     z, y = np.asarray(logits, float), np.asarray(labels, int)
     target = float(target_sensitivity or meta.get("target_sensitivity", 0.9))
-    n_splits = int(min(5, y.sum(), len(y) - y.sum()))
-
-    current = calibrator_from_dict(meta["calibration"])
-    before_probs = current.predict(z)
-    before = summary(before_probs, before_probs >= meta["threshold"], y)
-    candidates = {kind: summary(*cross_validated(kind, z, y, target, n_splits, seed), y)
-                  for kind in ("temperature", "platt", "isotonic")}
-    best = min(candidates, key=lambda k: candidates[k]["ece"])
-    final = CALIBRATORS[best]().fit(z, y)
-    threshold = threshold_for_sensitivity(final.predict(z), y, target)
-    spec = calibrator_to_dict(final)
+    fit = fit_local(z, y, current=meta["calibration"], current_threshold=meta["threshold"],
+                    target_sensitivity=target, seed=seed)
+    final, threshold, spec, n_splits = fit.calibrator, fit.threshold, fit.spec, fit.n_splits
+    before, candidates, best = fit.before, fit.candidates, fit.chosen
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / WEIGHTS_FILE).resolve() != (bundle_dir / WEIGHTS_FILE).resolve():
@@ -91,7 +124,7 @@ def recalibrate(feedback_csv: Path, bundle_dir: Path, out_dir: Path, *, target_s
               "after_cross_validated": candidates[best], "candidates_cross_validated": candidates,
               "chosen": best, "warnings": notes}
     new_meta = {**meta, "threshold": threshold, "target_sensitivity": target,
-                "calibration": {**spec, "version": calibration_version(spec, threshold),
+                "calibration": {**spec, "version": fit.version,
                                 "fitted_on": f"local feedback ({len(y)} cases)",
                                 "parent_version": meta["calibration"]["version"]},
                 "recalibration": {**report, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}

@@ -8,11 +8,9 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import select
 
-from core import audit, auth
-from core import repository as repo
-from core.models import Calibration, User
+from core import audit, auth, calibrations
+from core.models import User
 from web.access import ADMIN, ADMIN_POST, Admin
 from web.deps import SessionDep, client_host
 from web.sessions import session_of
@@ -21,7 +19,6 @@ from web.templating import templates
 router = APIRouter(default_response_class=HTMLResponse)
 
 AUDIT_PAGE_SIZE = 50
-THRESHOLD_MARK = "@t"  # versions made by a threshold change: "<base>@t0.3500"
 
 
 def _done(request: Request, url: str, notice: str) -> RedirectResponse:
@@ -34,9 +31,8 @@ def _done(request: Request, url: str, notice: str) -> RedirectResponse:
 
 def _calibrations_page(request: Request, session, *, error: str | None = None, status_code: int = 200,
                        threshold_input: str = ""):
-    calibrations = list(session.scalars(select(Calibration).order_by(Calibration.id.desc())))
-    context = {"calibrations": calibrations, "active": repo.active_calibration(session), "error": error,
-               "notice": session_of(request).pop_notice(), "threshold_input": threshold_input}
+    context = {"calibrations": calibrations.list_all(session), "active": calibrations.active(session),
+               "error": error, "notice": session_of(request).pop_notice(), "threshold_input": threshold_input}
     return templates.TemplateResponse(request, "admin_calibrations.html", context, status_code=status_code)
 
 
@@ -49,62 +45,35 @@ def calibrations_page(request: Request, session: SessionDep):
 @router.post("/admin/calibrations/activate", dependencies=ADMIN_POST)
 def activate(request: Request, user: Admin, session: SessionDep, version: Annotated[str, Form(max_length=128)]):
     """Puts a registered calibration in force; every scored study is re-scored from its stored logit."""
-    previous = repo.active_calibration(session)
     try:
-        rescored = repo.activate_calibration(session, version=version)
-    except LookupError:
+        rescored = calibrations.activate(session, version=version, actor=user.name, actor_role=user.role,
+                                         client=client_host(request))
+    except calibrations.CalibrationError:
         session.rollback()
         return _calibrations_page(request, session, error=f"There is no calibration {version!r}.", status_code=404)
-    audit.record(session, actor=user.name, role=user.role, client=client_host(request),
-                 action=audit.CALIBRATION_ACTIVATED, version=version,
-                 previous=previous.version if previous else None, rescored=rescored)
     session.commit()
     return _done(request, "/admin/calibrations",
                  f"Calibration {version} is in force; {rescored} studies were re-scored.")
-
-
-def _threshold_version(session, base: Calibration, threshold: float) -> Calibration:
-    """Registers (or reuses) a calibration like `base` but with another threshold; history is kept."""
-    stem = base.version.split(THRESHOLD_MARK)[0][:100]
-    name, n = f"{stem}{THRESHOLD_MARK}{threshold:.4f}", 1
-    while True:
-        existing = session.scalars(select(Calibration).where(Calibration.version == name)).first()
-        if existing is None:
-            return repo.register_calibration(session, version=name, model_version=base.model_version,
-                                             kind=base.kind, params=base.params, threshold=threshold,
-                                             source=f"threshold set on the admin page from {base.version}")
-        if (existing.kind, existing.params, existing.model_version, existing.threshold) == (
-                base.kind, base.params, base.model_version, threshold):
-            return existing
-        n += 1
-        name = f"{stem}{THRESHOLD_MARK}{threshold:.4f}-{n}"
 
 
 @router.post("/admin/calibrations/threshold", dependencies=ADMIN_POST)
 def set_threshold(request: Request, user: Admin, session: SessionDep,
                   threshold: Annotated[str, Form(max_length=32)]):
     """Sets a new threshold for the calibration in force, as a new calibration version put in force."""
-    active = repo.active_calibration(session)
-    if active is None:
+    if calibrations.active(session) is None:
         return _calibrations_page(request, session, status_code=409,
                                   error="No calibration is in force yet, so there is no threshold to change.")
     try:
-        value = float(threshold)
-    except ValueError:
-        value = math.nan
-    if not (0.0 < value < 1.0):
-        return _calibrations_page(request, session, status_code=422, threshold_input=threshold,
-                                  error="The threshold is a risk score strictly between 0 and 1, e.g. 0.35.")
-    if value == active.threshold:
+        value = calibrations.parse_threshold(threshold)
+    except calibrations.CalibrationError as exc:
+        return _calibrations_page(request, session, status_code=422, threshold_input=threshold, error=str(exc))
+    old, cal, rescored = calibrations.set_threshold(session, threshold=value, actor=user.name,
+                                                    actor_role=user.role, client=client_host(request))
+    if cal is old:
         return _done(request, "/admin/calibrations", f"The threshold is already {value:g}; nothing changed.")
-    cal = _threshold_version(session, active, value)
-    rescored = repo.activate_calibration(session, version=cal.version)
-    audit.record(session, actor=user.name, role=user.role, client=client_host(request),
-                 action=audit.THRESHOLD_CHANGED, old=active.threshold, new=value, version=cal.version,
-                 previous=active.version, rescored=rescored)
     session.commit()
     return _done(request, "/admin/calibrations",
-                 f"Threshold changed from {active.threshold:g} to {value:g} (calibration {cal.version}); "
+                 f"Threshold changed from {old.threshold:g} to {value:g} (calibration {cal.version}); "
                  f"{rescored} studies were re-scored.")
 
 

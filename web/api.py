@@ -13,7 +13,7 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from core import audit
+from core import audit, findings
 from core import repository as repo
 from core import worklist as wl
 from core.feedback import feedback_csv
@@ -68,13 +68,10 @@ def post_feedback(request: Request, user: Doctor, study: StudyDep, body: Feedbac
 
 
 def record_finding(session, request: Request, user, study, *, finding: str, comment: str | None) -> None:
-    """Records a finding by the signed-in user on the study's worklist row (each scored image of a DICOM
-    study) and audits it per image (recorded, or changed with old and new)."""
-    old = {s.id: s.finding for s in repo.group_images(session, study_id=study.id)}
-    for image in repo.record_study_feedback(session, study_id=study.id, finding=finding, comment=comment,
-                                            reviewer=user.name):
-        audit.record_finding(session, actor=user.name, role=user.role, client=client_host(request),
-                             study_id=image.id, old=old.get(image.id), new=finding)
+    """Records a finding by the signed-in user on the study's worklist row (core.findings: each scored image
+    of a DICOM study, audited per image)."""
+    findings.record_finding(session, study_id=study.id, finding=finding, comment=comment, actor=user.name,
+                            actor_role=user.role, client=client_host(request))
 
 
 @router.get("/api/feedback.csv", tags=["export"], dependencies=ADMIN)

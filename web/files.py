@@ -48,11 +48,15 @@ def film_png(settings: Settings, study: Study) -> bytes:
         raise NotServable(f"study {study.id} failed: {study.error}")
     path = resolve_data_path(settings, study.stored_path)
     try:
-        # A refused film (a lateral, say) is shown for reference; it is never scored.
+        # A refused film (a lateral, say) is shown for reference; it is never scored. A file over
+        # max_file_bytes is refused before it is read, and any decoder failure is an ImageRejected.
         return encode_png(load_grayscale(path, max_pixels=settings.max_image_pixels,
-                                         guard=study.status != Status.REFUSED))
+                                         max_bytes=settings.max_file_bytes, guard=study.status != Status.REFUSED))
     except ImageRejected as exc:
         raise NotServable(f"film cannot be displayed: {exc}", status_code=422) from exc
+    except OSError as exc:  # unreadable archive file (permissions, I/O error): a clear answer, not a 500
+        raise NotServable(f"film cannot be read from the archive: {exc.strerror or type(exc).__name__}",
+                          status_code=404) from exc
 
 
 def _jet(values: np.ndarray) -> np.ndarray:
@@ -70,10 +74,17 @@ def heatmap_rgba_png(settings: Settings, study: Study) -> bytes:
     if study.status != Status.SCORED:
         raise NotServable(f"study {study.id} has no heat-map (status {study.status})")
     path = resolve_data_path(settings, study.heatmap_path)
-    with Image.open(path) as img:
-        if img.width * img.height > settings.max_image_pixels:
-            raise NotServable("heat-map is larger than the pixel limit", status_code=422)
-        values = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if path.stat().st_size > settings.max_file_bytes:
+        raise NotServable("heat-map is larger than the file size limit", status_code=422)
+    try:
+        with Image.open(path, formats=["PNG"]) as img:
+            if img.width * img.height > settings.max_image_pixels:
+                raise NotServable("heat-map is larger than the pixel limit", status_code=422)
+            values = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except NotServable:
+        raise
+    except Exception as exc:  # a damaged heat-map file: say so rather than fail the page with a 500
+        raise NotServable(f"heat-map cannot be displayed ({type(exc).__name__})", status_code=422) from exc
     rgba = np.empty(values.shape + (4,), dtype=np.uint8)
     rgba[..., :3] = np.rint(_jet(values) * 255)
     rgba[..., 3] = np.rint(np.clip(values * 1.25, 0.0, 1.0) * 255)

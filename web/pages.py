@@ -17,6 +17,7 @@ from web.access import DOCTOR_POST, NURSE, Doctor
 from web.api import record_finding
 from web.deps import SessionDep, SettingsDep, StudyDep
 from web.files import NotServable, film_png, heatmap_rgba_png
+from web.performance import admin_alerts
 from web.templating import templates
 
 router = APIRouter(default_response_class=HTMLResponse)
@@ -43,7 +44,9 @@ def worklist_context(session, settings, view: str) -> dict:
 @router.get("/", dependencies=NURSE)
 def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, view: View = "unread"):
     """Shows the worklist (default) or the read studies."""
-    return templates.TemplateResponse(request, "worklist.html", worklist_context(session, settings, view))
+    context = worklist_context(session, settings, view)
+    context["monitor_alerts"] = admin_alerts(request, session, settings)  # the admins' banner (issue 10)
+    return templates.TemplateResponse(request, "worklist.html", context)
 
 
 @router.get("/read", dependencies=NURSE)

@@ -11,6 +11,7 @@ import time
 from celery.signals import worker_process_init, worker_ready
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from core import calibrations
 from core import repository as repo
 from core.bundle import META_FILE, Bundle, load_bundle
 from core.db import get_engine, session_scope
@@ -73,7 +74,8 @@ def _register_calibration(settings: Settings, bundle: Bundle) -> None:
     for attempt in range(2):
         try:
             with session_scope(settings.database_url) as session:
-                repo.ensure_bundle_calibration(session, bundle_meta=bundle.meta, source=str(settings.model_dir))
+                calibrations.ensure_bundle(session, bundle_meta=bundle.meta, source=str(settings.model_dir),
+                                           actor=f"worker:{worker_name()}")
             return
         except IntegrityError:
             if attempt:  # two processes registered the same version at once; the second look finds it

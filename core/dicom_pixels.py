@@ -1,0 +1,63 @@
+"""DICOM pixel values to 8-bit grayscale the way a viewer shows them: Modality LUT, VOI LUT or window, inversion."""
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+from core.imaging import ImageRejected
+
+
+def _wide_voi_lut(ds: Dataset, item: Dataset) -> Dataset:
+    """Returns a dataset holding the same VOI LUT declared as 16 bits per entry (same values, same lookup).
+
+    pydicom 3.0.2's apply_voi indexes an 8-bit LUT with a uint8 array, so every input above 255 wraps round;
+    an 8-bit table of 4096 entries for 12-bit CR is common, and would be silently mis-mapped.
+    """
+    descriptor = item["LUTDescriptor"]
+    lut = Dataset()
+    lut.add_new(descriptor.tag, descriptor.VR, [*list(descriptor.value)[:2], 16])
+    lut["LUTData"] = item["LUTData"]
+    wide = Dataset()
+    wide.file_meta = ds.file_meta
+    wide.set_original_encoding(*ds.original_encoding)
+    wide.VOILUTSequence = [lut]
+    return wide
+
+
+def _voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, float]:
+    """Applies the VOI stage; returns the output and the range it is defined on (what maps to black..white)."""
+    sequence = ds.get("VOILUTSequence")
+    if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
+        if not np.issubdtype(values.dtype, np.integer):
+            # A float rescale output still holds integer values; the LUT indexes by integer.
+            values = np.rint(values).astype(np.int64)
+        entries, first, bits = (int(v) for v in sequence[0].LUTDescriptor)
+        lut_ds = _wide_voi_lut(ds, sequence[0]) if bits == 8 else ds
+        table = apply_voi(np.arange(first, first + (entries or 65536)), lut_ds, 0)
+        # Some writers declare 16 bits per entry for a 12-bit table; scaling by 2**16 would give a near-black film.
+        bits = min(bits, max(int(table.max()).bit_length(), 8))
+        return apply_voi(values, lut_ds, 0).astype(np.float64), 0.0, float(2**bits - 1)
+    if ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
+        # The window maps onto pydicom's output range; probing it with ±inf yields exactly that range.
+        lo, hi = sorted(apply_windowing(np.array([-np.inf, np.inf]), ds, 0))
+        return apply_windowing(values, ds, 0), float(lo), float(hi)
+    values = values.astype(np.float64)
+    return values, float(values.min()), float(values.max())
+
+
+def to_8bit(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values → Modality LUT → VOI LUT/window (else min–max) → MONOCHROME1 inversion → uint8."""
+    try:
+        values, lo, hi = _voi(apply_modality_lut(arr, ds), ds)
+    except (ValueError, TypeError, NotImplementedError, IndexError, AttributeError, KeyError) as exc:
+        raise ImageRejected(f"invalid Modality LUT, VOI LUT or window in the DICOM header: {exc}") from exc
+    if not hi > lo:
+        raise ImageRejected("unreadable pixel data: the image holds a single value")
+    # MONOCHROME1 shows high values dark. The DX IOD pairs it with Presentation LUT Shape INVERSE, which names
+    # that same inversion, so the two together invert once; INVERSE on MONOCHROME2 inverts as well.
+    shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
+    inverted = str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1" or shape == "INVERSE"
+    # Inverting before rounding keeps a MONOCHROME1 film and its MONOCHROME2 twin bit-identical.
+    fraction = (hi - values) / (hi - lo) if inverted else (values - lo) / (hi - lo)
+    return np.clip(np.rint(fraction * 255.0), 0, 255).astype(np.uint8)

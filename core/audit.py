@@ -29,12 +29,13 @@ PASSWORD_CHANGED = "password_changed"
 TOKEN_CREATED = "token_created"
 TOKEN_REVOKED = "token_revoked"
 AUDIT_EXPORTED = "audit_exported"
+GUARD_OVERRIDDEN = "guard_overridden"  # an admin had a film the OOD guard refused scored anyway
 
 ACTIONS = frozenset({
     LOGIN_SUCCESS, LOGIN_FAILURE, LOGIN_THROTTLED, LOGOUT, FINDING_RECORDED, FINDING_CHANGED, EXPORT_DOWNLOADED,
     CALIBRATION_ACTIVATED, CALIBRATION_REGISTERED, THRESHOLD_CHANGED, USER_CREATED, USER_DISABLED, USER_ENABLED,
     PASSWORD_CHANGED,
-    TOKEN_CREATED, TOKEN_REVOKED, AUDIT_EXPORTED,
+    TOKEN_CREATED, TOKEN_REVOKED, AUDIT_EXPORTED, GUARD_OVERRIDDEN,
 })
 
 # Secrets and patient identifiers never enter the trail; the study is referred to by study_id only.

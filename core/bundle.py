@@ -13,6 +13,7 @@ from torch import nn
 from core import precision
 from core.calibration import calibrator_from_dict
 from core.model import ARCHITECTURE, build_network
+from core.ood import OodError, OodGuard, load_guard
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
@@ -73,6 +74,7 @@ class Bundle:
     net: nn.Module
     device: torch.device
     choice: precision.Choice
+    ood: OodGuard | None = None  # None: a bundle fitted before the guard existed; nothing is refused by it
     calibrator: object = field(init=False)
 
     def __post_init__(self):
@@ -103,9 +105,9 @@ class Bundle:
     def use_bf16(self) -> bool:
         return self.choice.mode == "bf16"
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits [N], Grad-CAMs [N,h,w]) for a normalised batch, as float32 on the CPU."""
-        return precision.run(self.net, x, self.device, self.choice.mode)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (logits [N], Grad-CAMs [N,h,w], pooled embeddings [N,C]) for a normalised batch, float32 on CPU."""
+        return precision.run_with_embedding(self.net, x, self.device, self.choice.mode)
 
 
 def bf16_allowed(meta: dict) -> bool:
@@ -124,4 +126,8 @@ def load_bundle(directory: str | Path, device: str | None = None, mode: str = "a
     net = load_network(directory)
     choice = precision.choose(net, dev, bf16_allowed=bf16_allowed(meta), forced=mode,
                               size=int(meta.get("input_size", 224)))
-    return Bundle(directory=directory, meta=meta, net=net, device=dev, choice=choice)
+    try:
+        ood = load_guard(directory, meta["ood"]) if "ood" in meta else None
+    except OodError as exc:
+        raise BundleError(str(exc)) from exc
+    return Bundle(directory=directory, meta=meta, net=net, device=dev, choice=choice, ood=ood)

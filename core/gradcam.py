@@ -42,10 +42,19 @@ def gradcam_maps(activations: torch.Tensor, fc_weight: torch.Tensor) -> torch.Te
 
 def forward_with_cam(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs DenseNet once and returns (logits [N], normalised CAMs [N,h,w]) from the same activations."""
+    logits, cams, _ = forward_with_cam_embedding(net, x)
+    return logits, cams
+
+
+def forward_with_cam_embedding(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like forward_with_cam, and also returns the pooled features.norm5 embedding [N,C] the head sees.
+
+    The embedding feeds the out-of-distribution guard (core.ood) at no extra network cost.
+    """
     activations = net.features(x)  # output of features.norm5
     pooled = F.adaptive_avg_pool2d(F.relu(activations), 1).flatten(1)
     logits = net.classifier(pooled).squeeze(1)
-    return logits.float(), gradcam_maps(activations, net.classifier.weight)
+    return logits.float(), gradcam_maps(activations, net.classifier.weight), pooled.float()
 
 
 def heatmap_png(cam: np.ndarray | torch.Tensor, size: tuple[int, int]) -> bytes:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy import DateTime as _DateTime
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -51,9 +51,11 @@ class Study(Base):
     """One film that entered the inbox, from arrival to a recorded finding."""
 
     __tablename__ = "studies"
+    # Pages of the non-grouped sections (in progress, refused, failed, duplicates) in arrival order (issue 9).
+    __table_args__ = (Index("ix_studies_status_received", "status", "received_at", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    source_name: Mapped[str] = mapped_column(String(512))
+    source_name: Mapped[str] = mapped_column(String(512), index=True)  # searched by exact file name
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(Integer)
     stored_path: Mapped[str] = mapped_column(String(1024))  # relative to the data dir
@@ -85,6 +87,8 @@ class Study(Base):
     timings: Mapped[dict | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(255))
     heatmap_path: Mapped[str | None] = mapped_column(String(1024))
+    # The admin who had this film scored despite the OOD guard ("score anyway"); None = the guard applies.
+    guard_override_by: Mapped[str | None] = mapped_column(String(255))
     # Clinician feedback.
     finding: Mapped[str | None] = mapped_column(String(16))
     outcome: Mapped[str | None] = mapped_column(String(2))
@@ -136,6 +140,45 @@ class WorkerHeartbeat(Base):
     device: Mapped[str | None] = mapped_column(String(64))
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorklistRow(Base):
+    """One row of the unread or read worklist, maintained on every write that changes it (core.worklist_rows).
+
+    A row is a DICOM study (same patient and Study Instance UID) or a film of its own; its risk, flag and
+    wait are aggregates over its images in that section, stored so that ordering and paging use an index
+    instead of grouping the whole studies table per request. `neg_score` is the risk negated, so every
+    ordering is ascending and one plain index serves it on both backends.
+    """
+
+    __tablename__ = "worklist_rows"
+    __table_args__ = (
+        UniqueConstraint("section", "group_key", name="uq_worklist_rows_section_key"),
+        Index("ix_worklist_rows_flag_score", "section", "flagged", "neg_score", "received_at", "first_id"),
+        Index("ix_worklist_rows_flag_wait", "section", "flagged", "received_at", "neg_score", "first_id"),
+        Index("ix_worklist_rows_arrival", "section", "received_at"),
+        Index("ix_worklist_rows_read", "section", "feedback_at", "first_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    section: Mapped[str] = mapped_column(String(16))  # unread | read
+    group_key: Mapped[str] = mapped_column(String(256))  # "<study uid>|<patient id>" or "#<study id>"
+    lead_id: Mapped[int] = mapped_column(Integer)  # the image with the highest score (ties: lowest id)
+    neg_score: Mapped[float] = mapped_column(Float)
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))  # earliest image in the section
+    feedback_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # latest finding (read)
+    first_id: Mapped[int] = mapped_column(Integer)
+    images: Mapped[int] = mapped_column(Integer)
+
+
+class WorklistCount(Base):
+    """How many rows each grouped section has, kept with the rows so totals cost one primary-key read."""
+
+    __tablename__ = "worklist_counts"
+
+    section: Mapped[str] = mapped_column(String(16), primary_key=True)
+    rows: Mapped[int] = mapped_column(Integer, default=0)
 
 
 # --- accounts and audit (issue 5) ------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.gradcam import forward_with_cam
+from core.gradcam import forward_with_cam_embedding
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,23 @@ def prepare(net: nn.Module, device: torch.device, mode: str) -> nn.Module:
 @torch.inference_mode()
 def run(net: nn.Module, x: torch.Tensor, device: torch.device, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs forward+CAM in a mode; returns float32 (logits [N], CAMs [N,h,w]) on the CPU."""
+    logits, cams, _ = run_with_embedding(net, x, device, mode)
+    return logits, cams
+
+
+@torch.inference_mode()
+def run_with_embedding(net: nn.Module, x: torch.Tensor, device: torch.device,
+                       mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs forward+CAM in a mode; returns float32 (logits [N], CAMs [N,h,w], pooled embedding [N,C]) on the CPU."""
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     if mode == "fp16":
-        logits, cams = forward_with_cam(net, x.half())
+        logits, cams, emb = forward_with_cam_embedding(net, x.half())
     elif mode == "bf16":
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, cams = forward_with_cam(net, x)
+            logits, cams, emb = forward_with_cam_embedding(net, x)
     else:
-        logits, cams = forward_with_cam(net, x)
-    return logits.float().cpu(), cams.float().cpu()
+        logits, cams, emb = forward_with_cam_embedding(net, x)
+    return logits.float().cpu(), cams.float().cpu(), emb.float().cpu()
 
 
 def _time_mode(net: nn.Module, device: torch.device, mode: str, size: int, repeats: int) -> float:

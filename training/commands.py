@@ -54,7 +54,8 @@ def train(data, run_dir, bundle_dir, init, schedule, batch_size, lr, patience, s
                                patience=patience, seed=seed, limit=limit))
     except InitWeightsError as exc:
         raise click.ClickException(str(exc)) from exc
-    meta = finalize(run, Path(data), Path(bundle_dir), target_sensitivity or _settings().target_sensitivity)
+    meta = finalize(run, Path(data), Path(bundle_dir), target_sensitivity or _settings().target_sensitivity,
+                    ood_per_family=8 if limit else 60)  # a smoke run measures the guard on a small OOD set
     m = meta["metrics"]["report_half"]
     click.echo(f"bundle {meta['version']} written to {bundle_dir}: report-half ROC-AUC {m['roc_auc']:.4f}, "
                f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}")
@@ -79,9 +80,15 @@ def score(paths, model, as_json, batch_size):
             click.echo(json.dumps(line) if as_json else f"{fs.path}\tREFUSED: {fs.error}")
             continue
         r = fs.result
+        if r.refusal is not None:  # the OOD guard: no risk is printed for a film the model cannot judge
+            failures += 1
+            line = {"path": str(fs.path), "refused": r.refusal, "ood_score": r.ood_score, "orientation": r.orientation}
+            click.echo(json.dumps(line) if as_json else f"{fs.path}\tREFUSED: {r.refusal}")
+            continue
         if as_json:
             click.echo(json.dumps({"path": str(fs.path), "logit": r.logit, "probability": r.probability,
-                                   "score": r.score, "threshold": r.threshold, "flagged": r.flagged}))
+                                   "score": r.score, "threshold": r.threshold, "flagged": r.flagged,
+                                   "ood_score": r.ood_score, "orientation": r.orientation}))
         else:
             click.echo(f"{fs.path}\trisk {r.score:.3f}\t{'FLAGGED' if r.flagged else 'not flagged'}"
                        f" (threshold {r.threshold:.3f})")
@@ -93,11 +100,27 @@ def score(paths, model, as_json, batch_size):
 @click.option("--split", default="test", show_default=True)
 @click.option("--model", default=None, help="Bundle folder (default: settings model_dir).")
 @click.option("--out", default=None, type=click.Path(path_type=Path), help="Report folder (default: runs/eval-SPLIT).")
-def evaluate(data, split, model, out):
+@click.option("--ood", is_flag=True, help="Evaluate the out-of-distribution guard instead: the bundle's validation "
+              "films vs a synthesised OOD set (never downloaded).")
+@click.option("--per-family", default=60, show_default=True, help="With --ood: synthetic images per family.")
+def evaluate(data, split, model, out, ood, per_family):
     """Evaluates the bundle on a labelled Kaggle-layout split: JSON + Markdown report and plots."""
     from training.evaluate import evaluate as run_evaluate
 
     bundle = _bundle(model)
+    if ood:
+        from training.ood_eval import evaluate_ood
+        out = out or Path("runs") / "eval-ood"
+        try:
+            r = evaluate_ood(bundle, data, out, n_per_family=per_family)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        for name, f in r["families"].items():
+            click.echo(f"{name}: refused {f['refused']:.1%} of {f['n']}")
+        for name, f in r["false_refusal"].items():
+            click.echo(f"validation {name}: false refusals {f['refused']:.2%} of {f['n']}")
+        click.echo(f"AUROC of the OOD score {r['auroc_ood_score']:.4f}; report in {out}")
+        return
     out = out or Path("runs") / f"eval-{split}"
     result = run_evaluate(bundle, data, split, out)
     m = result["metrics_at_bundle_threshold"]

@@ -18,7 +18,10 @@ from core.calibrations import version_name
 from core.model import ARCHITECTURE, build_network
 from core.monitoring import score_histogram
 from core.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+from core import precision
 from training.data import read_split_file
+from training.ood_bundle import guard_mode, install_guard
+from training.ood_eval import replace_section, report_section
 from training.report import ECE_DEFINITION, metrics, metrics_table, plot_curves
 from training.train import cache_images, predict_logits
 
@@ -32,7 +35,8 @@ def code_version() -> str:
         return "unknown"
 
 
-def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivity: float = 0.90) -> dict:
+def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivity: float = 0.90,
+             ood_per_family: int = 60) -> dict:
     """Writes bundle_dir from run_dir/best.pt and the run's split; returns the bundle metadata."""
     run_dir, bundle_dir = Path(run_dir), Path(bundle_dir)
     splits = read_split_file(run_dir / "split.csv", data_root)
@@ -88,11 +92,19 @@ def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivit
                              "precision": "bf16" if use_bf16 else "fp32"},
         "code_version": code_version(), "created_at": created.isoformat(timespec="seconds"),
     }
+    # The out-of-distribution guard (core.ood): fitted on the training films, thresholds on the calibration half,
+    # figures on the report half and a synthesised OOD set; embedded in the precision the CPU service runs.
+    mode = guard_mode(meta)
+    precision.prepare(net, torch.device("cpu"), mode)
+    meta["ood"] = install_guard(bundle_dir, net, mode, x_train=cache_images(splits["train"], run_dir / "cache_train.npy"),
+                                y_train=np.array([it.label for it in splits["train"]]), x_cal=x_val[:n_cal],
+                                x_rep=x_val[n_cal:], n_per_family=ood_per_family)
     write_meta(bundle_dir, meta)
     (bundle_dir / "split.csv").write_bytes((run_dir / "split.csv").read_bytes())
     (bundle_dir / "train_log.jsonl").write_bytes((run_dir / "train_log.jsonl").read_bytes())
     plots = plot_curves(y_rep, expit(z_rep), calibrator.predict(z_rep), bundle_dir / "report", "validation report half")
     write_training_report(bundle_dir, meta, cal_table, log, plots)
+    replace_section(bundle_dir / "report" / "README.md", report_section(meta["ood"]))
     return meta
 
 

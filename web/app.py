@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Mount
 
 from core.settings import Settings
-from web import admin, api, login, pages, performance
+from web import admin, api, login, override, pages, performance
 from web.access import SignInRequired, TokenRejected, is_api_path, is_api_route, iter_routes, route_access
 from web.deps import app_settings
 from web.login import safe_next
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(performance.router)
+    app.include_router(override.router)
     check_access_rules(app)
     # Outermost last: every answer gets the headers, oversized bodies never reach the session or the app,
     # and an exception inside becomes a generic 500 page.

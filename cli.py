@@ -191,8 +191,9 @@ for _command in ACCOUNT_COMMANDS:
 @click.option("--ae-title", default=None, help="this receiver's AE title (default CHESTAID_DICOM_AE_TITLE, CHESTAID)")
 @click.option("--allow-ae", "allowed", multiple=True,
               help="accept associations only from this calling AE title (repeatable; default "
-                   "CHESTAID_DICOM_ALLOWED_AES, empty = any)")
-@click.option("--host", default=None, help="bind address (default CHESTAID_DICOM_HOST, 0.0.0.0)")
+                   "CHESTAID_DICOM_ALLOWED_AES; with none, every association is rejected)")
+@click.option("--host", default=None, help="bind address (default CHESTAID_DICOM_HOST, 127.0.0.1; "
+                                           "0.0.0.0 for every interface)")
 def dicom_listen(port: int | None, ae_title: str | None, allowed: tuple[str, ...], host: str | None) -> None:
     """Receives DICOM radiographs pushed by modalities/PACS (C-STORE, C-ECHO) into the inbox."""
     import logging

@@ -8,6 +8,7 @@ import uuid
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from core import worklist_rows
 from core.models import Status, Study, WorkerHeartbeat, utcnow
 
 FINDINGS = ("pneumonia", "normal")
@@ -130,6 +131,8 @@ def save_score(session: Session, *, study_id: int, token: str, logit: float, mod
                 scored_calibration_version=calibration_version, score=score, threshold=threshold, flagged=flagged,
                 calibration_version=calibration_version, width=width, height=height, heatmap_path=heatmap_path,
                 timings=timings))
+    if result.rowcount == 1:
+        worklist_rows.refresh(session, study_ids=[study_id])  # it is unread now: onto the worklist
     return result.rowcount == 1
 
 
@@ -178,34 +181,40 @@ def record_feedback(session: Session, *, study_id: int, finding: str, comment: s
     else:
         positive = finding == "pneumonia"
         study.outcome = ("T" if study.scored_flagged == positive else "F") + ("P" if study.scored_flagged else "N")
+    worklist_rows.refresh(session, study_ids=[study.id])  # from the unread rows to the read ones
     return study
 
 
 def images_of(session: Session, *, studies: list[Study]) -> dict[int, list[Study]]:
-    """Returns, in one query, the images of each study's DICOM study (same Study Instance UID, no duplicates,
-    oldest first) by study id; a PNG/JPEG film or a duplicate is its only image."""
+    """Returns, in one query, the images of each study's DICOM study (same patient and Study Instance UID, no
+    duplicates, oldest first) by study id; a PNG/JPEG film or a duplicate is its only image.
+
+    The patient is part of the key because senders reuse UIDs: two patients under one UID stay apart (issue 8).
+    """
     uids = {s.study_instance_uid for s in studies if s.study_instance_uid and s.status != Status.DUPLICATE}
-    by_uid: dict[str, list[Study]] = {}
-    if uids:
+    by_key: dict[str, list[Study]] = {}
+    if uids:  # bounded by the caller's page of studies, so the IN list stays small
         for image in session.scalars(select(Study).where(Study.study_instance_uid.in_(uids),
                                                          Study.status != Status.DUPLICATE).order_by(Study.id)):
-            by_uid.setdefault(image.study_instance_uid, []).append(image)
+            by_key.setdefault(worklist_rows.key_of(image), []).append(image)
     out = {}
     for s in studies:
-        group = by_uid.get(s.study_instance_uid) if s.status != Status.DUPLICATE else None
+        group = by_key.get(worklist_rows.key_of(s)) if s.status != Status.DUPLICATE else None
         out[s.id] = group or [s]
     return out
 
 
 def group_images(session: Session, *, study_id: int) -> list[Study]:
-    """Returns the images of a study's DICOM study (same Study Instance UID, no duplicates), else the study alone."""
+    """Returns the images of a study's DICOM study (same patient and Study Instance UID, no duplicates), else
+    the study alone."""
     study = session.get(Study, study_id)
     return images_of(session, studies=[study])[study_id] if study is not None else []
 
 
 def record_study_feedback(session: Session, *, study_id: int, finding: str, comment: str | None,
                           reviewer: str) -> list[Study]:
-    """Records the finding for a worklist row: on every scored image of a DICOM study, else on the study itself.
+    """Records the finding for a worklist row: on every scored image of a DICOM study (of the same patient),
+    else on the study itself.
 
     A reader reads the study, not one image, so each scored image gets the same finding and keeps its own
     logit; the feedback export (the recalibration input) thus has one row per scored image.

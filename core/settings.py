@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 8000
     refresh_seconds: int = 5
+    # Every list is paged (issue 9): rows per page by default, and the most a client may ask for.
+    page_size: int = 50
+    max_page_size: int = 200
     dicom_host: str = "0.0.0.0"  # C-STORE receiver: modalities and PACS push over the network
     dicom_port: int = 11112
     dicom_ae_title: str = "CHESTAID"

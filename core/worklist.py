@@ -1,7 +1,7 @@
 """The worklist: which studies a reader sees, in which order, and the status strip above them.
 
-Unread order (studies with status ``scored`` and no recorded finding), decided in SQL so it is the
-same on SQLite and Postgres and can later be paged:
+Unread order (studies with status ``scored`` and no recorded finding), paged with keyset cursors
+(core.cursor) that keep the first page's overdue cut-off:
 
 1. **Flagged** studies (displayed score ≥ displayed threshold), by score descending, ties oldest
    first. A flagged study that is also overdue stays here (it is already on top) and gets the
@@ -17,205 +17,190 @@ The other sections: in progress (queued/processing, oldest first), refused (film
 the model, newest first, with the reason), failed (newest first, with the reason), duplicates (newest
 first) and read (scored with a finding, latest feedback first); every study is in exactly one section.
 
-**DICOM studies.** The images of one DICOM study (same Study Instance UID) are one row in the unread
-and read sections: its risk is the highest score among its scored images (refused laterals are never
-scored, so they never count), it is flagged if any image is, and it waits since its earliest unread
-image arrived. ``Entry.study`` is the row's lead image (the highest score), ``Entry.images`` all its
-images in that section. Films without a Study Instance UID (PNG/JPEG) are rows of their own. Grouping
-is a query concern only: each image stays one Study row with its own status, score and finding.
+**DICOM studies.** The images of one DICOM study (same patient and Study Instance UID: a UID that two
+patients share is a sender error and never merges them) are one row in the unread and read sections: its
+risk is the highest score among its scored images (refused laterals are never scored, so they never count),
+it is flagged if any image is, and it waits since its earliest unread image arrived. ``Entry.study`` is the
+row's lead image (the highest score), ``Entry.images`` all its images in that section. Films without a
+Study Instance UID (PNG/JPEG) are rows of their own. Each image stays one Study row with its own status,
+score and finding; the rows' aggregates are kept in ``worklist_rows`` (core.worklist_rows) so that every
+list here is read as one index range per page, in the same order on SQLite and Postgres.
 """
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from collections import defaultdict
-
-from sqlalchemy import String, case, cast, func, literal_column, or_, select
+from sqlalchemy import false, func, literal, or_, select, true, tuple_
 from sqlalchemy.orm import Session
 
-from core import calibrations
+from core import calibrations, worklist_rows
 from core import repository as repo
-from core.models import Status, Study, utcnow
+from core.cursor import Cursor, decode
+from core.models import Status, Study, WorklistRow, utcnow
+from core.worklist_entries import (GROUPED_SECTIONS, SECTIONS, TIER_FLAGGED, TIER_OVERDUE,  # noqa: F401 (API)
+                                   TIER_ROUTINE, Entry, Section, StatusStrip, as_utc, overdue_cutoff, entry_for,
+                                   group_entry, is_unread, key_of, section_of, waiting_seconds)
 
-TIER_FLAGGED, TIER_OVERDUE, TIER_ROUTINE = 0, 1, 2
-SECTIONS = ("unread", "in_progress", "refused", "failed", "duplicates", "read")
-GROUPED_SECTIONS = ("unread", "read")
+# --- pages ------------------------------------------------------------------------------------------
+# Every list is read as one index range from where the previous page ended (keyset paging), so a page costs
+# the same at 100 or 100,000 studies and rows arriving meanwhile never shift or repeat the rows already paged.
 
-
-@dataclass(frozen=True)
-class Entry:
-    """A worklist row: its lead study, all its images, how long it has waited and whether that is too long."""
-
-    study: Study
-    waiting_seconds: float
-    overdue: bool
-    tier: int | None = None  # only for unread studies
-    images: tuple[Study, ...] = ()  # the row's images, lead first; (study,) for a film of its own
-
-    def __post_init__(self):
-        if not self.images:
-            object.__setattr__(self, "images", (self.study,))
-
-    @property
-    def score(self) -> float | None:
-        """Returns the row's risk: the highest displayed score among its scored images."""
-        scores = [s.score for s in self.images if s.status == Status.SCORED and s.score is not None]
-        return max(scores) if scores else self.study.score
-
-    @property
-    def flagged(self) -> bool:
-        """Tells whether any scored image of the row is flagged."""
-        return any(s.flagged for s in self.images if s.status == Status.SCORED)
+_UNREAD_ORDER = {
+    TIER_FLAGGED: (WorklistRow.neg_score, WorklistRow.received_at, WorklistRow.first_id),
+    TIER_OVERDUE: (WorklistRow.received_at, WorklistRow.neg_score, WorklistRow.first_id),
+    TIER_ROUTINE: (WorklistRow.neg_score, WorklistRow.received_at, WorklistRow.first_id),
+}
+_READ_ORDER = (WorklistRow.feedback_at, WorklistRow.first_id)  # descending
+_PLAIN = {  # section: (statuses, newest first?)
+    "in_progress": ((Status.QUEUED, Status.PROCESSING), False), "refused": ((Status.REFUSED,), True),
+    "failed": ((Status.FAILED,), True), "duplicates": ((Status.DUPLICATE,), True),
+}
 
 
-@dataclass
-class Section:
-    """One table of the worklist page; ``total`` counts rows beyond ``limit`` too."""
-
-    name: str
-    entries: list[Entry]
-    total: int
+def _after(columns, key, *, descending: bool = False):
+    """Rows strictly after key in the order of columns (one row-value comparison an index range serves)."""
+    bound = tuple_(*[literal(v, c.type) for c, v in zip(columns, key)])
+    return tuple_(*columns) < bound if descending else tuple_(*columns) > bound
 
 
-@dataclass
-class StatusStrip:
-    """What the strip above the worklist shows."""
-
-    now: dt.datetime
-    queued: int
-    processing: int
-    unread: int
-    overdue: int
-    failed: int
-    read: int
-    workers_alive: int
-    refused: int = 0
-    model_versions: list[str] = field(default_factory=list)  # loaded by live workers
-    calibration_version: str | None = None
-    calibration_model_version: str | None = None
-    threshold: float | None = None
-
-    @property
-    def queue_length(self) -> int:
-        return self.queued + self.processing
+def _tier_filter(tier: int, cutoff: dt.datetime):
+    if tier == TIER_FLAGGED:
+        return (WorklistRow.flagged == true(),)
+    arrival = WorklistRow.received_at < cutoff if tier == TIER_OVERDUE else WorklistRow.received_at >= cutoff
+    return (WorklistRow.flagged == false(), arrival)
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
-
-
-def _cutoff(now: dt.datetime, max_wait_minutes: int) -> dt.datetime:
-    return _aware(now) - dt.timedelta(minutes=max_wait_minutes)
-
-
-def waiting_seconds(study: Study, *, now: dt.datetime) -> float:
-    """Returns how long a study has waited: until its finding if read, else until now."""
-    end = study.feedback_at if study.finding is not None and study.feedback_at is not None else _aware(now)
-    return max(0.0, (end - study.received_at).total_seconds())
-
-
-def is_unread(study: Study) -> bool:
-    """Tells whether a study belongs on the reading worklist."""
-    return study.status == Status.SCORED and study.finding is None
-
-
-def section_of(study: Study) -> str:
-    """Names the section a study is listed in; the sections partition all studies."""
-    if study.status == Status.SCORED:
-        return "unread" if study.finding is None else "read"
-    return {Status.FAILED: "failed", Status.DUPLICATE: "duplicates",
-            Status.REFUSED: "refused"}.get(study.status, "in_progress")
-
-
-def group_key():
-    """SQL for the worklist row a study belongs to: its Study Instance UID, or '#<id>' for a film of its own."""
-    # The '#' is inlined, not a bound parameter, so Postgres sees SELECT and GROUP BY as the same expression.
-    return func.coalesce(Study.study_instance_uid, literal_column("'#'", String) + cast(Study.id, String))
-
-
-def key_of(study: Study) -> str:
-    """Returns group_key() for a loaded study."""
-    return study.study_instance_uid or f"#{study.id}"
-
-
-def entry_for(study: Study, *, max_wait_minutes: int, now: dt.datetime | None = None) -> Entry:
-    """Wraps one study as a row; overdue and the tier apply only to unread studies."""
-    now = now or utcnow()
-    waited = waiting_seconds(study, now=now)
-    if not is_unread(study):
-        return Entry(study, waited, False, None)
-    overdue = study.received_at < _cutoff(now, max_wait_minutes)
-    tier = TIER_FLAGGED if study.flagged else TIER_OVERDUE if overdue else TIER_ROUTINE
-    return Entry(study, waited, overdue, tier)
-
-
-def group_entry(images: list[Study], *, max_wait_minutes: int, now: dt.datetime | None = None) -> Entry:
-    """Wraps the images of one row (all unread, or all read) as a row led by its highest score."""
-    now = now or utcnow()
-    ordered = tuple(sorted(images, key=lambda s: (s.score is None, -(s.score or 0.0), s.id)))
-    lead = ordered[0]
-    if len(ordered) == 1 or lead.status != Status.SCORED:
-        return replace(entry_for(lead, max_wait_minutes=max_wait_minutes, now=now), images=ordered)
-    received = min(s.received_at for s in ordered)
-    if lead.finding is not None:
-        read_at = max(s.feedback_at or received for s in ordered)
-        return Entry(lead, max(0.0, (read_at - received).total_seconds()), False, None, ordered)
-    overdue = received < _cutoff(now, max_wait_minutes)
-    tier = (TIER_FLAGGED if any(s.flagged for s in ordered) else TIER_OVERDUE if overdue else TIER_ROUTINE)
-    return Entry(lead, max(0.0, (_aware(now) - received).total_seconds()), overdue, tier, ordered)
-
-
-def _unread_filter():
-    return (Study.status == Status.SCORED, Study.finding.is_(None))
-
-
-def _read_filter():
-    return (Study.status == Status.SCORED, Study.finding.is_not(None))
-
-
-def _groups(*conditions):
-    """One row per worklist row among the studies matching conditions, with what ordering needs."""
-    return (select(group_key().label("key"), func.max(Study.score).label("score"),
-                   func.max(case((Study.flagged.is_(True), 1), else_=0)).label("flagged"),
-                   func.min(Study.received_at).label("received_at"),
-                   func.max(Study.feedback_at).label("feedback_at"), func.min(Study.id).label("first_id"))
-            .where(*conditions).group_by(group_key()).subquery())
-
-
-def _grouped_entries(session: Session, conditions, keys: list[str] | None, *, max_wait_minutes: int,
-                     now: dt.datetime) -> list[Entry]:
-    """Loads the rows named by keys (every row when None), in the order of keys."""
-    query = select(Study).where(*conditions)
-    if keys is not None:
-        uids = [k for k in keys if not k.startswith("#")]
-        ids = [int(k[1:]) for k in keys if k.startswith("#")]
-        query = query.where(or_(Study.study_instance_uid.in_(uids), Study.id.in_(ids)))
-    members: dict[str, list[Study]] = defaultdict(list)
+def _members(session: Session, rows: list[WorklistRow], section: str) -> dict[str, list[Study]]:
+    """Loads the images of a page of rows in one query (bounded by the page, never the table)."""
+    keys = [r.group_key for r in rows]
+    uids = {k.partition("|")[0] for k in keys if not k.startswith("#")}
+    ids = [int(k[1:]) for k in keys if k.startswith("#")]
+    found: dict[str, list[Study]] = {k: [] for k in keys}
+    query = select(Study).where(Study.status == Status.SCORED,
+                                or_(Study.study_instance_uid.in_(uids), Study.id.in_(ids)))
     for study in session.scalars(query):
-        members[key_of(study)].append(study)
-    order = keys if keys is not None else list(members)
-    return [group_entry(members[k], max_wait_minutes=max_wait_minutes, now=now) for k in order if members[k]]
+        if section_of(study) == section and key_of(study) in found:
+            found[key_of(study)].append(study)
+    return found
+
+
+def _row_entries(session, rows, section, tiers, *, max_wait_minutes, now) -> list[Entry]:
+    members = _members(session, rows, section)
+    out = []
+    for row, tier in zip(rows, tiers):
+        if members[row.group_key]:  # a row changed by a concurrent write between the two reads is left out
+            entry = group_entry(members[row.group_key], max_wait_minutes=max_wait_minutes, now=now)
+            out.append(replace(entry, tier=tier) if section == "unread" else entry)
+    return out
+
+
+def _page_cursor(section, key, tier, offset, cutoff, more: bool) -> str | None:
+    return Cursor(section, tuple(key), tier, offset, cutoff).encode() if more else None
+
+
+def _unread_page(session, *, cursor: Cursor | None, limit: int | None, max_wait_minutes, now):
+    # The first page's cut-off, to the minute: pages of one listing share it, and so does a poll within the
+    # same minute (an unchanged worklist keeps its version; the waiting times shown move by the minute too).
+    cutoff = cursor.cutoff if cursor else overdue_cutoff(now, max_wait_minutes).replace(second=0, microsecond=0)
+    rows: list[tuple[int, WorklistRow]] = []
+    for tier in (TIER_FLAGGED, TIER_OVERDUE, TIER_ROUTINE):
+        if cursor is not None and tier < cursor.tier:
+            continue
+        order = _UNREAD_ORDER[tier]
+        query = select(WorklistRow).where(WorklistRow.section == "unread", *_tier_filter(tier, cutoff))
+        if cursor is not None and tier == cursor.tier:
+            query = query.where(_after(order, cursor.key))
+        wanted = None if limit is None else limit + 1 - len(rows)  # one more tells whether a next page exists
+        rows += [(tier, r) for r in session.scalars(query.order_by(*order).limit(wanted))]
+        if limit is not None and len(rows) > limit:
+            break
+    more = limit is not None and len(rows) > limit
+    rows = rows[:limit] if limit is not None else rows
+    entries = _row_entries(session, [r for _, r in rows], "unread", [t for t, _ in rows],
+                           max_wait_minutes=max_wait_minutes, now=now)
+    offset = cursor.offset if cursor else 0
+    last_tier, last = rows[-1] if rows else (None, None)
+    key = [getattr(last, c.key) for c in _UNREAD_ORDER[last_tier]] if last is not None else []
+    return entries, _page_cursor("unread", key, last_tier, offset + len(rows), cutoff, more)
+
+
+def _read_page(session, *, cursor: Cursor | None, limit: int | None, max_wait_minutes, now):
+    query = select(WorklistRow).where(WorklistRow.section == "read")
+    if cursor is not None:
+        query = query.where(_after(_READ_ORDER, cursor.key, descending=True))
+    rows = list(session.scalars(query.order_by(*[c.desc() for c in _READ_ORDER])
+                                .limit(None if limit is None else limit + 1)))
+    more = limit is not None and len(rows) > limit
+    rows = rows[:limit] if limit is not None else rows
+    entries = _row_entries(session, rows, "read", [None] * len(rows), max_wait_minutes=max_wait_minutes, now=now)
+    key = [rows[-1].feedback_at, rows[-1].first_id] if rows else []
+    return entries, _page_cursor("read", key, None, (cursor.offset if cursor else 0) + len(rows), None, more)
+
+
+def _plain_page(session, name, *, cursor: Cursor | None, limit: int | None, now):
+    statuses, newest_first = _PLAIN[name]
+    order = (Study.received_at, Study.id)
+    query = select(Study).where(Study.status.in_(statuses))
+    if cursor is not None:
+        query = query.where(_after(order, cursor.key, descending=newest_first))
+    query = query.order_by(*[c.desc() if newest_first else c for c in order])
+    studies = list(session.scalars(query.limit(None if limit is None else limit + 1)))
+    more = limit is not None and len(studies) > limit
+    studies = studies[:limit] if limit is not None else studies
+    key = [studies[-1].received_at, studies[-1].id] if studies else []
+    entries = [Entry(s, waiting_seconds(s, now=now), False) for s in studies]
+    return entries, _page_cursor(name, key, None, (cursor.offset if cursor else 0) + len(studies), None, more)
 
 
 def unread(session: Session, *, max_wait_minutes: int, now: dt.datetime | None = None,
            limit: int | None = None) -> list[Entry]:
-    """Returns unread rows (a DICOM study or a film of its own) in reading order (see the module docstring)."""
+    """Returns the first unread rows (a DICOM study or a film of its own) in reading order (module docstring)."""
+    return _unread_page(session, cursor=None, limit=limit, max_wait_minutes=max_wait_minutes, now=now or utcnow())[0]
+
+
+def section_totals(session: Session) -> dict[str, int]:
+    """Returns the number of rows of every section: grouped ones from maintained counts, the others from
+    per-status index counts (never a count over all scored studies)."""
+    totals = worklist_rows.counts(session)
+    statuses = [s for group, _ in _PLAIN.values() for s in group]
+    by_status = dict(session.execute(select(Study.status, func.count()).where(Study.status.in_(statuses))
+                                     .group_by(Study.status)).all())
+    for name, (group, _) in _PLAIN.items():
+        totals[name] = sum(by_status.get(s, 0) for s in group)
+    totals.update({f"status:{s}": by_status.get(s, 0) for s in statuses})
+    return totals
+
+
+def section(session: Session, name: str, *, max_wait_minutes: int, now: dt.datetime | None = None,
+            limit: int | None = None, cursor: str | None = None, total: int | None = None) -> Section:
+    """Returns one page of a worklist section by name (one of SECTIONS), starting where `cursor` says (the
+    first page without one); `limit` None lists the rest of the section. `total` saves recounting it."""
+    if name not in SECTIONS:
+        raise ValueError(f"unknown worklist section {name!r}; expected one of {SECTIONS}")
     now = now or utcnow()
-    cutoff = _cutoff(now, max_wait_minutes)
-    g = _groups(*_unread_filter())
-    tier = case((g.c.flagged == 1, TIER_FLAGGED), (g.c.received_at < cutoff, TIER_OVERDUE), else_=TIER_ROUTINE)
-    # Only the overdue tier sorts by arrival before score; in the others this key is NULL for every row.
-    overdue_arrival = case((tier == TIER_OVERDUE, g.c.received_at), else_=None)
-    keys = list(session.scalars(select(g.c.key).order_by(tier, overdue_arrival, g.c.score.desc(), g.c.received_at,
-                                                          g.c.first_id).limit(limit)))
-    return _grouped_entries(session, _unread_filter(), keys, max_wait_minutes=max_wait_minutes, now=now)
+    at = decode(cursor, section=name) if cursor else None
+    if at is not None and not at.key:  # the start of the section
+        at, cursor = None, None
+    if name == "unread":
+        entries, nxt = _unread_page(session, cursor=at, limit=limit, max_wait_minutes=max_wait_minutes, now=now)
+    elif name == "read":
+        entries, nxt = _read_page(session, cursor=at, limit=limit, max_wait_minutes=max_wait_minutes, now=now)
+    else:
+        entries, nxt = _plain_page(session, name, cursor=at, limit=limit, now=now)
+    if total is None:
+        total = section_totals(session)[name]
+    return Section(name, entries, total, nxt, at.offset if at else 0)
 
 
-def _read(session: Session, *, max_wait_minutes: int, now: dt.datetime, limit: int | None) -> list[Entry]:
-    g = _groups(*_read_filter())
-    keys = list(session.scalars(select(g.c.key).order_by(g.c.feedback_at.desc(), g.c.first_id.desc()).limit(limit)))
-    return _grouped_entries(session, _read_filter(), keys, max_wait_minutes=max_wait_minutes, now=now)
+def all_studies(session: Session, *, max_wait_minutes: int, now: dt.datetime | None = None) -> list[Entry]:
+    """Returns every row once (every study once, within its row): the unread worklist in reading order, then
+    the other sections."""
+    now = now or utcnow()
+    out: list[Entry] = []
+    for name in SECTIONS:
+        out.extend(section(session, name, max_wait_minutes=max_wait_minutes, now=now).entries)
+    return out
 
 
 def row_for(session: Session, *, study_id: int, max_wait_minutes: int, now: dt.datetime | None = None) -> Entry | None:
@@ -230,73 +215,42 @@ def row_for(session: Session, *, study_id: int, max_wait_minutes: int, now: dt.d
     return group_entry(images, max_wait_minutes=max_wait_minutes, now=now)
 
 
-def _entries(session: Session, query, *, now: dt.datetime) -> list[Entry]:
-    return [Entry(s, waiting_seconds(s, now=now), False) for s in session.scalars(query)]
-
-
-def _count(session: Session, *conditions) -> int:
-    return session.scalar(select(func.count()).select_from(Study).where(*conditions)) or 0
-
-
-def _count_rows(session: Session, *conditions) -> int:
-    """Counts worklist rows (a DICOM study counts once) among the studies matching conditions."""
-    return session.scalar(select(func.count(func.distinct(group_key()))).where(*conditions)) or 0
-
-
-def section(session: Session, name: str, *, max_wait_minutes: int, now: dt.datetime | None = None,
-            limit: int | None = None) -> Section:
-    """Returns one worklist section by name (one of SECTIONS)."""
+def search(session: Session, *, q: str, max_wait_minutes: int, now: dt.datetime | None = None,
+           limit: int, cursor: str | None = None) -> Section:
+    """Finds studies by exact accession number, patient ID, file name or study id, newest first, one page."""
     now = now or utcnow()
-    if name == "unread":
-        entries = unread(session, max_wait_minutes=max_wait_minutes, now=now, limit=limit)
-        return Section(name, entries, _count_rows(session, *_unread_filter()))
-    if name == "read":
-        entries = _read(session, max_wait_minutes=max_wait_minutes, now=now, limit=limit)
-        return Section(name, entries, _count_rows(session, *_read_filter()))
-    if name == "in_progress":
-        cond = (Study.status.in_([Status.QUEUED, Status.PROCESSING]),)
-        order = (Study.received_at, Study.id)
-    elif name == "refused":
-        cond = (Study.status == Status.REFUSED,)
-        order = (Study.received_at.desc(), Study.id.desc())
-    elif name == "failed":
-        cond = (Study.status == Status.FAILED,)
-        order = (Study.received_at.desc(), Study.id.desc())
-    elif name == "duplicates":
-        cond = (Study.status == Status.DUPLICATE,)
-        order = (Study.received_at.desc(), Study.id.desc())
-    else:
-        raise ValueError(f"unknown worklist section {name!r}; expected one of {SECTIONS}")
-    entries = _entries(session, select(Study).where(*cond).order_by(*order).limit(limit), now=now)
-    return Section(name, entries, _count(session, *cond))
-
-
-def all_studies(session: Session, *, max_wait_minutes: int, now: dt.datetime | None = None) -> list[Entry]:
-    """Returns every row once (every study once, within its row): the unread worklist in reading order, then
-    the other sections."""
-    now = now or utcnow()
-    out: list[Entry] = []
-    for name in SECTIONS:
-        out.extend(section(session, name, max_wait_minutes=max_wait_minutes, now=now).entries)
-    return out
+    q = q.strip()
+    match = [Study.accession_number == q, Study.patient_id == q, Study.source_name == q]
+    if q.lstrip("#").isdigit() and len(q.lstrip("#")) < 10:
+        match.append(Study.id == int(q.lstrip("#")))
+    at = decode(cursor, section="search") if cursor else None
+    query = select(Study).where(or_(*match))
+    if at is not None:
+        query = query.where(Study.id < at.key[0])
+    studies = list(session.scalars(query.order_by(Study.id.desc()).limit(limit + 1)))
+    more, studies = len(studies) > limit, studies[:limit]
+    total = session.scalar(select(func.count()).select_from(Study).where(or_(*match))) or 0
+    offset = at.offset if at else 0
+    nxt = _page_cursor("search", [studies[-1].id] if studies else [], None, offset + len(studies), None, more)
+    entries = [entry_for(s, max_wait_minutes=max_wait_minutes, now=now) for s in studies]
+    return Section("search", entries, total, nxt, offset)
 
 
 def status_strip(session: Session, *, worker_alive_seconds: int, max_wait_minutes: int,
-                 now: dt.datetime | None = None) -> StatusStrip:
+                 now: dt.datetime | None = None, totals: dict[str, int] | None = None) -> StatusStrip:
     """Returns queue length, unread/overdue/read rows (a DICOM study counts once), failed/refused films, live
-    workers and the active model and calibration."""
+    workers and the active model and calibration; `totals` (section_totals) saves counting them again."""
     now = now or utcnow()
-    counts = dict(session.execute(select(Study.status, func.count()).group_by(Study.status)).all())
-    unread_count = _count_rows(session, *_unread_filter())
-    # A row is overdue when its earliest unread image is, i.e. when any of them is.
-    overdue = _count_rows(session, *_unread_filter(), Study.received_at < _cutoff(now, max_wait_minutes))
-    read_count = _count_rows(session, *_read_filter())
+    totals = totals if totals is not None else section_totals(session)
+    # Overdue rows are the unread ones minus those that arrived within the wait limit: a short index range.
+    recent = session.scalar(select(func.count()).select_from(WorklistRow).where(
+        WorklistRow.section == "unread", WorklistRow.received_at >= overdue_cutoff(now, max_wait_minutes))) or 0
     workers = repo.live_workers(session, within_seconds=worker_alive_seconds)
     cal = calibrations.active(session)
     return StatusStrip(
-        now=_aware(now), queued=counts.get(Status.QUEUED, 0), processing=counts.get(Status.PROCESSING, 0),
-        unread=unread_count, overdue=overdue, failed=counts.get(Status.FAILED, 0), read=read_count,
-        workers_alive=len(workers), refused=counts.get(Status.REFUSED, 0),
+        now=as_utc(now), queued=totals[f"status:{Status.QUEUED}"], processing=totals[f"status:{Status.PROCESSING}"],
+        unread=totals["unread"], overdue=max(0, totals["unread"] - recent), failed=totals["failed"],
+        read=totals["read"], workers_alive=len(workers), refused=totals["refused"], duplicates=totals["duplicates"],
         model_versions=sorted({w.model_version for w in workers if w.model_version}),
         calibration_version=cal.version if cal else None,
         calibration_model_version=cal.model_version if cal else None,

@@ -18,16 +18,18 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from scipy.special import expit
+from sqlalchemy import select
 
 from core import auth
 from core import calibrations
 from core import repository as repo
+from core import worklist_rows
 from core.bundle import load_bundle
 from core.db import get_engine, session_scope
 from core.feedback import COLUMNS
 from core.imaging import load_grayscale
 from core.migrate import upgrade
-from core.models import utcnow
+from core.models import Study, utcnow
 from core.pipeline import process_studies
 from core.scoring import score_images
 from core.settings import Settings
@@ -201,7 +203,7 @@ def test_worklist_orders_flags_and_sections(client, admin_client, site):
         assert "FLAGGED" not in row_html(html, sid) and "routine" in row_html(html, sid)
     assert row_ids(html, "in_progress") == [site.queued]
     assert row_ids(html, "failed") == [site.failed]
-    assert "not a recognised image file" in row_html(html, site.failed)
+    assert "not a PNG, JPEG or DICOM file" in row_html(html, site.failed)
     assert row_ids(html, "duplicates") == [site.duplicate]
     assert f'<a href="/studies/{site.duplicate_of}">study #{site.duplicate_of}</a>' in row_html(html, site.duplicate)
     assert CAVEAT in html
@@ -273,7 +275,7 @@ def test_study_page_shows_score_threshold_decision_and_caveat(client, site):
 
 def test_failed_duplicate_and_queued_study_pages(client, site):
     html = client.get(f"/studies/{site.failed}").text
-    assert "could not be scored" in html and "not a recognised image file" in html and CAVEAT in html
+    assert "could not be scored" in html and "not a PNG, JPEG or DICOM file" in html and CAVEAT in html
     assert 'id="film-image"' not in html and "feedback-form" not in html
     html = client.get(f"/studies/{site.duplicate}").text
     assert f'<a href="/studies/{site.duplicate_of}">study #{site.duplicate_of}</a>' in html
@@ -307,7 +309,7 @@ def test_film_and_heatmap_are_pngs_of_the_film_size(client, site):
     assert cold[2] > 100 and cold[0] == 0  # coldest: blue, no red
     assert mid[1] == 255  # middle: green/yellow
     failed = client.get(f"/studies/{site.failed}/image")
-    assert failed.status_code == 404 and "not a recognised image file" in failed.text
+    assert failed.status_code == 404 and "not a PNG, JPEG or DICOM file" in failed.text
     assert client.get(f"/studies/{site.failed}/heatmap.png").status_code == 404
     missing = client.get(f"/studies/{site.overdue}/image")
     assert missing.status_code == 404 and "missing" in missing.text
@@ -407,7 +409,7 @@ def test_api_lists_studies_in_worklist_order(client, site):
     assert first["threshold"] == pytest.approx(site.threshold) and first["overdue"] is False
     assert items[1]["overdue"] is True and items[1]["waiting_seconds"] >= 120 * 60
     failed = next(i for i in items if i["id"] == site.failed)
-    assert failed["status"] == "failed" and failed["error"] == "not a recognised image file"
+    assert failed["status"] == "failed" and failed["error"] == "not a PNG, JPEG or DICOM file"
     assert [i["id"] for i in client.get("/api/studies?section=failed").json()] == [site.failed]
     assert [i["id"] for i in client.get("/api/studies?section=unread&limit=2").json()] == [site.flagged, site.overdue]
     assert client.get("/api/studies?section=nope").status_code == 422
@@ -518,3 +520,69 @@ def test_module_app_is_lazy(tmp_path, monkeypatch):
     import web.app
 
     assert web.app.app.state.settings is None  # uvicorn web.app:app reads settings on the first request
+
+
+# --- paging and the idle poll (issue 9) -----------------------------------------------------------------------
+
+
+def test_api_pages_follow_link_next_to_every_row_once(client, site):
+    everything = [i["id"] for i in client.get("/api/studies").json()]
+    assert "link" not in client.get("/api/studies").headers  # one page holds it all
+    seen, url = [], "/api/studies?limit=2"
+    while url:
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.json()) <= 2
+        seen += [i["id"] for i in r.json()]
+        link = r.headers.get("link")
+        url = re.search(r'<http://testserver([^>]+)>; rel="next"', link).group(1) if link else None
+    assert seen == everything and len(seen) == 7  # across the sections, in order, each once
+    big = client.get(f"/api/studies?limit={site.settings.max_page_size + 1}")
+    assert big.status_code == 422 and "maximum page size" in big.json()["detail"]
+    bad = client.get("/api/studies?cursor=not-a-cursor")
+    assert bad.status_code == 422 and "invalid page cursor" in bad.json()["detail"]
+
+
+def test_api_search_by_accession_patient_file_name_or_id(client, site):
+    name = site.sources[site.flagged].name
+    same_name = [site.flagged] + ([site.duplicate] if site.duplicate_of == site.flagged else [])  # a copy keeps it
+    found = client.get(f"/api/studies?q={name}").json()
+    assert [i["id"] for i in found] == sorted(same_name, reverse=True)  # newest first
+    assert {i["id"]: i["section"] for i in found}[site.flagged] == "unread"
+    assert [i["id"] for i in client.get(f"/api/studies?q=%23{site.failed}").json()] == [site.failed]
+    assert client.get("/api/studies?q=nothing-like-this").json() == []
+
+
+def test_worklist_pages_have_next_links_and_the_poll_refreshes_the_page_shown(site):
+    settings = site.settings.model_copy(update={"page_size": 2})
+    add_user(settings, "pat", "nurse")
+    with TestClient(create_app(settings)) as c:
+        sign_in(c, "pat")
+        html = c.get("/").text
+        assert row_ids(html, "unread") == [site.flagged, site.overdue]
+        nxt = re.search(r'class="page-next" rel="next" href="([^"]+)"', html).group(1).replace("&amp;", "&")
+        page2 = c.get(nxt).text
+        assert row_ids(page2, "unread") == site.scored[1:]
+        assert "Rows 3–4 of 4" in page2 and 'class="page-first"' in page2 and "page-next" not in row_html(
+            page2, site.scored[-1])
+        poll = re.search(r'hx-get="(/fragments/worklist\?[^"]+)"', page2).group(1).replace("&amp;", "&")
+        assert "section=unread" in poll and row_ids(c.get(poll).text, "unread") == site.scored[1:]
+        assert c.get("/?view=unread&section=unread&cursor=bogus").status_code == 422
+
+
+def test_idle_poll_answers_304_and_a_change_gives_a_new_version(client, site):
+    # Waiting times are shown to the second under a minute; age the studies so that only real changes count.
+    with session_scope(site.settings.database_url) as s:
+        for study in s.scalars(select(Study)):
+            study.received_at -= dt.timedelta(minutes=10)
+        worklist_rows.rebuild(s)
+    for _ in range(3):  # a minute boundary between the two polls legitimately moves the waiting times shown
+        etag = client.get("/fragments/worklist").headers["etag"]
+        idle = client.get("/fragments/worklist", headers={"If-None-Match": etag})
+        if idle.status_code == 304:
+            break
+    assert idle.status_code == 304 and idle.content == b"" and idle.headers["etag"] == etag
+    r = post_json(client, f"/api/studies/{site.flagged}/feedback", {"finding": "pneumonia"})
+    assert r.status_code == 200
+    changed = client.get("/fragments/worklist", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert site.flagged not in row_ids(changed.text, "unread")

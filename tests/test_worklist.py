@@ -5,13 +5,14 @@ import datetime as dt
 import uuid
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from core import calibrations
 from core import repository as repo
 from core import worklist as wl
+from core.cursor import BadCursor
 from core.db import session_scope
-from core.models import Study
+from core.models import Study, WorklistRow
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 MAX_WAIT = 60  # minutes
@@ -139,3 +140,149 @@ def test_status_strip_counts_workers_and_calibration(db_url):
         assert names(entries) == ["old", "new"]
         assert [(e.tier, e.overdue, e.study.flagged) for e in entries] == [(1, True, False), (2, False, False)]
         assert entries[1].study.score == pytest.approx(0.8807970779778823)
+
+
+# --- paging at scale (issue 9) and grouping by patient (issue 8) ------------------------------------------
+
+
+def add_dicom(session, name: str, *, uid: str, patient: str, score: float, minutes_ago: float) -> int:
+    """Creates and scores one DICOM image of study `uid` for `patient`."""
+    study = repo.create_study(session, source_name=name, sha256=uuid.uuid4().hex * 2, size_bytes=10,
+                              stored_path=f"archive/{name}", received_at=NOW - dt.timedelta(minutes=minutes_ago),
+                              identity={"study_instance_uid": uid, "patient_id": patient,
+                                        "sop_instance_uid": f"{uid}.{uuid.uuid4().int % 10**9}"})
+    token = repo.claim_study(session, study_id=study.id, worker="w1")
+    assert repo.save_score(session, study_id=study.id, token=token, logit=0.0, model_version="m1", score=score,
+                           threshold=0.5, calibration_version="c1", width=1, height=1, heatmap_path="h", timings={})
+    return study.id
+
+
+def page_through(session, name: str, *, limit: int, between=None) -> list[int]:
+    """Lists a section page by page by its cursors, calling between() after each page; returns lead ids."""
+    seen, cursor = [], None
+    while True:
+        page = wl.section(session, name, max_wait_minutes=MAX_WAIT, now=NOW, limit=limit, cursor=cursor)
+        assert len(page.entries) <= limit and page.offset == len(seen)
+        seen += [e.study.id for e in page.entries]
+        if page.next_cursor is None:
+            return seen
+        cursor = page.next_cursor
+        if between is not None:
+            between()
+
+
+def test_paging_is_complete_and_stable_while_studies_arrive(db_url):
+    import random
+    rng = random.Random(4)
+    with session_scope(db_url) as s:
+        for i in range(40):  # every tier, equal scores and arrival times, and DICOM rows of 1-3 images
+            if i % 4 == 0:
+                for j in range(1 + i % 3):
+                    add_dicom(s, f"d{i}-{j}", uid=f"1.2.3.{i}", patient=f"P{i}", score=round(rng.random(), 1),
+                              minutes_ago=rng.choice([5, 90, 200]))
+            else:
+                add_scored(s, f"f{i}", score=round(rng.random(), 1), minutes_ago=rng.choice([5, 30, 90, 200]))
+        for i in range(9):
+            sid = add_scored(s, f"r{i}", score=0.3, minutes_ago=100 + i)
+            repo.record_feedback(s, study_id=sid, finding="normal", comment=None, reviewer="dr")
+    with session_scope(db_url) as s:
+        expected_unread = [e.study.id for e in wl.unread(s, max_wait_minutes=MAX_WAIT, now=NOW)]
+        expected_read = [e.study.id for e in wl.section(s, "read", max_wait_minutes=MAX_WAIT, now=NOW).entries]
+        assert len(expected_unread) == 40 and len(set(expected_unread)) == 40  # 10 DICOM rows, 30 films
+        arrivals = iter(range(1000))
+
+        def arrive():  # new films of every kind land while the reader pages: top, overdue and routine
+            with session_scope(db_url) as w:
+                n = next(arrivals)
+                add_scored(w, f"new{n}", score=0.99, minutes_ago=1)
+                add_scored(w, f"new-old{n}", score=0.01, minutes_ago=500)
+                add_dicom(w, f"new-d{n}", uid=f"9.9.{n}", patient="Q", score=0.2, minutes_ago=2)
+                sid = add_scored(w, f"new-read{n}", score=0.4, minutes_ago=3)
+                repo.record_feedback(w, study_id=sid, finding="pneumonia", comment=None, reviewer="dr")
+            s.expire_all()
+
+        paged = page_through(s, "unread", limit=4, between=arrive)
+        # Each study that was there at the start appears exactly once, in the order it had; none repeats.
+        assert len(paged) == len(set(paged))
+        assert [i for i in paged if i in set(expected_unread)] == expected_unread
+        paged_read = page_through(s, "read", limit=2, between=arrive)
+        assert len(paged_read) == len(set(paged_read)) and set(expected_read) <= set(paged_read)
+        # With nothing arriving, the pages are exactly the whole list.
+        assert page_through(s, "read", limit=3) == [e.study.id for e in wl.section(
+            s, "read", max_wait_minutes=MAX_WAIT, now=NOW).entries]
+
+
+def test_worklist_rows_and_counts_match_a_regrouping_after_every_kind_of_write(db_url):
+    with session_scope(db_url) as s:
+        a1 = add_dicom(s, "a1", uid="1.5.1", patient="A", score=0.3, minutes_ago=10)
+        a2 = add_dicom(s, "a2", uid="1.5.1", patient="A", score=0.8, minutes_ago=20)
+        add_scored(s, "film", score=0.1, minutes_ago=120)
+    with session_scope(db_url) as s:
+        rows = wl.unread(s, max_wait_minutes=MAX_WAIT, now=NOW)
+        assert [(e.study.id, sorted(i.id for i in e.images), e.flagged) for e in rows][0] == (a2, [a1, a2], True)
+        strip = wl.status_strip(s, worker_alive_seconds=60, max_wait_minutes=MAX_WAIT, now=NOW)
+        assert (strip.unread, strip.overdue, strip.read) == (2, 1, 0)
+        repo.record_study_feedback(s, study_id=a1, finding="pneumonia", comment=None, reviewer="dr")
+    with session_scope(db_url) as s:
+        strip = wl.status_strip(s, worker_alive_seconds=60, max_wait_minutes=MAX_WAIT, now=NOW)
+        assert (strip.unread, strip.overdue, strip.read) == (1, 1, 1)
+        calibrations.register(s, version="strict", model_version="m1", kind="temperature",
+                              params={"temperature": 1.0}, threshold=0.99, source="test", actor="test")
+        calibrations.activate(s, version="strict", actor="test")  # logit 0 → score 0.5 everywhere
+    with session_scope(db_url) as s:
+        stored = {(r.section, r.group_key): (r.lead_id, r.neg_score, r.flagged, r.images)
+                  for r in s.scalars(select(WorklistRow))}
+        assert stored == {("read", "1.5.1|A"): (a1, -0.5, False, 2), ("unread", f"#{a2 + 1}"): (a2 + 1, -0.5, False, 1)}
+        assert wl.section_totals(s)["read"] == 1 and wl.section_totals(s)["unread"] == 1
+
+
+def test_two_patients_sharing_a_study_uid_are_two_rows_and_a_finding_stays_on_one(db_url):
+    with session_scope(db_url) as s:
+        ann = add_dicom(s, "ann.dcm", uid="1.2.840.99", patient="ANN", score=0.9, minutes_ago=5)
+        bob = add_dicom(s, "bob.dcm", uid="1.2.840.99", patient="BOB", score=0.2, minutes_ago=5)
+    with session_scope(db_url) as s:
+        rows = wl.unread(s, max_wait_minutes=MAX_WAIT, now=NOW)
+        assert [[i.id for i in e.images] for e in rows] == [[ann], [bob]]
+        assert [i.id for i in repo.group_images(s, study_id=bob)] == [bob]
+        marked = repo.record_study_feedback(s, study_id=ann, finding="pneumonia", comment=None, reviewer="dr")
+        assert [m.id for m in marked] == [ann]
+    with session_scope(db_url) as s:
+        assert repo.get_study(s, study_id=bob).finding is None
+        assert [e.study.id for e in wl.unread(s, max_wait_minutes=MAX_WAIT, now=NOW)] == [bob]
+        assert wl.row_for(s, study_id=bob, max_wait_minutes=MAX_WAIT).images == (repo.get_study(s, study_id=bob),)
+
+
+def test_a_cursor_that_was_not_made_here_is_refused_with_a_reason(db_url):
+    with session_scope(db_url) as s:
+        for i in range(3):
+            add_scored(s, f"f{i}", score=0.1 * i, minutes_ago=5)
+        good = wl.section(s, "unread", max_wait_minutes=MAX_WAIT, now=NOW, limit=1).next_cursor
+        for bad in ("x", good[:-6], good[::-1], "eyJzIjoidW5yZWFkIn0"):
+            with pytest.raises(BadCursor, match="cursor"):
+                wl.section(s, "unread", max_wait_minutes=MAX_WAIT, now=NOW, limit=1, cursor=bad)
+        with pytest.raises(BadCursor, match="pages the 'unread' list"):
+            wl.section(s, "read", max_wait_minutes=MAX_WAIT, now=NOW, limit=1, cursor=good)
+
+
+def test_migration_0005_backfills_rows_of_existing_studies(tmp_path):
+    from alembic import command
+    from core.migrate import alembic_config
+    from core.db import get_engine
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0004")
+    with get_engine(url).begin() as c:
+        for i, (uid, patient, finding) in enumerate([("1.9", "A", None), ("1.9", "A", None), ("1.9", "B", "normal"),
+                                                     (None, None, None)], start=1):
+            c.execute(text("INSERT INTO studies (id, source_name, sha256, size_bytes, stored_path, status, "
+                           "received_at, enqueue_count, claim_count, score, flagged, finding, feedback_at, "
+                           "study_instance_uid, patient_id) VALUES (:i, 'f', 's', 1, 'p', 'scored', "
+                           "'2026-01-01 10:00:00.000000', 1, 0, :score, 0, :f, :fa, :uid, :p)"),
+                      {"i": i, "score": i / 10, "f": finding, "fa": "2026-01-02 10:00:00.000000" if finding else None,
+                       "uid": uid, "p": patient})
+    get_engine(url).dispose()
+    command.upgrade(alembic_config(url), "head")
+    with session_scope(url) as s:
+        rows = {(r.section, r.group_key): (r.lead_id, r.images) for r in s.scalars(select(WorklistRow))}
+        assert rows == {("unread", "1.9|A"): (2, 2), ("read", "1.9|B"): (3, 1), ("unread", "#4"): (4, 1)}
+        assert wl.section_totals(s)["unread"] == 2 and wl.section_totals(s)["read"] == 1
+        assert [e.study.id for e in wl.unread(s, max_wait_minutes=MAX_WAIT, now=NOW)] == [4, 2]

@@ -17,6 +17,7 @@ from core import audit, findings
 from core import repository as repo
 from core import worklist as wl
 from core.feedback import feedback_csv
+from core.cursor import BadCursor, decode, start_of
 from core.models import Status, utcnow
 from core.pseudonym import load_salt
 from web import health as health_checks
@@ -29,18 +30,71 @@ router = APIRouter()
 SectionName = Literal["unread", "in_progress", "refused", "failed", "duplicates", "read"]
 
 
-@router.get("/api/studies", response_model=list[StudyOut], tags=["studies"], dependencies=NURSE)
-def list_studies(session: SessionDep, settings: SettingsDep,
+def page_limit(settings, limit: int | None) -> int:
+    """Returns the page size asked for, the default when none; more than the maximum is refused (422)."""
+    if limit is None:
+        return settings.page_size
+    if limit > settings.max_page_size:
+        raise HTTPException(status_code=422, detail=f"limit {limit} is over the maximum page size "
+                                                    f"{settings.max_page_size}; follow the Link: rel=next pages")
+    return limit
+
+
+def _next_link(request: Request, cursor: str | None) -> dict[str, str]:
+    if cursor is None:
+        return {}
+    return {"Link": f'<{request.url.include_query_params(cursor=cursor)}>; rel="next"'}
+
+
+def _list_page(session, settings, *, names: list[str], cursor: str | None, limit: int):
+    """Fills one page from the sections in order, starting where the cursor says; returns the rows and the
+    cursor of the next page (None after the last row of the last section)."""
+    if cursor is not None and names != list(wl.SECTIONS):
+        cursor_section = names[0]  # one section: its own cursors only
+    else:
+        cursor_section = decode(cursor).section if cursor else names[0]
+        names = names[names.index(cursor_section):] if cursor_section in names else names
+    now, rows, nxt = utcnow(), [], None
+    for name in names:
+        page = wl.section(session, name, max_wait_minutes=settings.max_wait_minutes, now=now,
+                          limit=limit - len(rows), cursor=cursor if name == cursor_section else None,
+                          total=0)  # the API sends no totals: skip counting
+        rows += [(name, entry) for entry in page.entries]
+        nxt = page.next_cursor
+        if len(rows) >= limit:
+            following = names[names.index(name) + 1:]
+            if nxt is None and following:
+                nxt = start_of(following[0]).encode()  # this section is done; the next page starts the next one
+            break
+    return rows, nxt
+
+
+@router.get("/api/studies", response_model=list[StudyOut], tags=["studies"], dependencies=NURSE,
+            responses={200: {"headers": {"Link": {"description": 'the next page: <url>; rel="next"'}}}})
+def list_studies(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                  section: SectionName | None = Query(default=None, description="one section only"),
-                 limit: int | None = Query(default=None, ge=1, description="at most this many per section")
-                 ) -> list[StudyOut]:
-    """Lists worklist rows in order: unread by priority, then in progress, refused, failed, duplicates, read.
-    A DICOM study is one row (its highest-scoring image), with all its images."""
-    names = [section] if section else list(wl.SECTIONS)
-    now = utcnow()
-    rows = [(name, entry) for name in names
-            for entry in wl.section(session, name, max_wait_minutes=settings.max_wait_minutes, now=now,
-                                    limit=limit).entries]
+                 limit: int | None = Query(default=None, ge=1, description="rows per page (default "
+                                           "CHESTAID_PAGE_SIZE, at most CHESTAID_MAX_PAGE_SIZE)"),
+                 cursor: str | None = Query(default=None, max_length=1000,
+                                            description="where the page starts: from the previous Link rel=next"),
+                 q: str | None = Query(default=None, min_length=1, max_length=128,
+                                       description="search by exact accession number, patient ID, file name or "
+                                                   "study id (newest first)")) -> list[StudyOut]:
+    """Lists worklist rows in order, one page at a time: unread by priority, then in progress, refused,
+    failed, duplicates, read. A DICOM study is one row (its highest-scoring image), with all its images.
+    The `Link` header names the next page while there is one; rows arriving meanwhile never repeat or shift
+    the rows already listed."""
+    size = page_limit(settings, limit)
+    try:
+        if q is not None:
+            found = wl.search(session, q=q, max_wait_minutes=settings.max_wait_minutes, limit=size, cursor=cursor)
+            rows, nxt = [(wl.section_of(e.study), e) for e in found.entries], found.next_cursor
+        else:
+            names = [section] if section else list(wl.SECTIONS)
+            rows, nxt = _list_page(session, settings, names=names, cursor=cursor, limit=size)
+    except BadCursor as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    response.headers.update(_next_link(request, nxt))
     images = repo.images_of(session, studies=[entry.study for _, entry in rows])
     return [StudyOut.from_entry(entry, name, images[entry.study.id]) for name, entry in rows]
 

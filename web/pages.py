@@ -4,13 +4,17 @@ Nurses and doctors see everything here; only doctors (and admins) record finding
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Annotated, Literal
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from core import repository as repo
 from core import worklist as wl
+from core.cursor import BadCursor
 from core.models import Status, utcnow
 from core.repository import FINDINGS
 from web.access import DOCTOR_POST, NURSE, Doctor
@@ -24,42 +28,60 @@ router = APIRouter(default_response_class=HTMLResponse)
 
 View = Literal["unread", "read"]
 VIEW_SECTIONS = {"unread": ("unread", "in_progress", "refused", "failed", "duplicates"), "read": ("read",)}
-# Unread and in-progress studies are the work itself and are never cut off; the archives are.
-SECTION_LIMIT = {"unread": None, "in_progress": None, "refused": 200, "failed": 200, "duplicates": 200,
-                 "read": 200}
 IMAGE_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
+# The strip's "Updated" time changes on every poll; it is left out of the fragment's version (ETag).
+_CLOCK = re.compile(rb'<time datetime="[^"]*">[^<]*</time>')
 
 
-def worklist_context(session, settings, view: str) -> dict:
-    """Collects the sections of a view and the status strip, all as of one instant."""
+def worklist_context(session, settings, view: str, *, paged: str | None = None, cursor: str | None = None) -> dict:
+    """Collects one page of each section of a view (the page `cursor` names for section `paged`, the first page
+    of the others) and the status strip, all as of one instant, counting everything once."""
+    if paged is not None and paged not in VIEW_SECTIONS[view]:
+        raise HTTPException(status_code=422, detail=f"section {paged!r} is not on the {view} view")
     now = utcnow()
-    sections = [wl.section(session, name, max_wait_minutes=settings.max_wait_minutes, now=now,
-                           limit=SECTION_LIMIT[name]) for name in VIEW_SECTIONS[view]]
+    totals = wl.section_totals(session)
+    try:
+        sections = [wl.section(session, name, max_wait_minutes=settings.max_wait_minutes, now=now,
+                               limit=settings.page_size, cursor=cursor if name == paged else None,
+                               total=totals[name]) for name in VIEW_SECTIONS[view]]
+    except BadCursor as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
     strip = wl.status_strip(session, worker_alive_seconds=settings.worker_alive_seconds,
-                            max_wait_minutes=settings.max_wait_minutes, now=now)
+                            max_wait_minutes=settings.max_wait_minutes, now=now, totals=totals)
+    query = urlencode({"view": view, **({"section": paged, "cursor": cursor} if paged and cursor else {})})
     return {"view": view, "sections": sections, "strip": strip, "refresh_seconds": settings.refresh_seconds,
-            "max_wait_minutes": settings.max_wait_minutes}
+            "max_wait_minutes": settings.max_wait_minutes, "poll_query": query}
 
 
 @router.get("/", dependencies=NURSE)
-def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, view: View = "unread"):
-    """Shows the worklist (default) or the read studies."""
-    context = worklist_context(session, settings, view)
+def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, view: View = "unread",
+                  section: str | None = None, cursor: Annotated[str | None, Query(max_length=1000)] = None):
+    """Shows the worklist (default) or the read studies, one page per section ("Next" pages on)."""
+    context = worklist_context(session, settings, view, paged=section, cursor=cursor)
     context["monitor_alerts"] = admin_alerts(request, session, settings)  # the admins' banner (issue 10)
     return templates.TemplateResponse(request, "worklist.html", context)
 
 
 @router.get("/read", dependencies=NURSE)
-def read_page(request: Request, session: SessionDep, settings: SettingsDep):
+def read_page(request: Request, session: SessionDep, settings: SettingsDep, section: str | None = None,
+              cursor: Annotated[str | None, Query(max_length=1000)] = None):
     """Shows the studies with a recorded finding."""
-    return worklist_page(request, session, settings, view="read")
+    return worklist_page(request, session, settings, view="read", section=section, cursor=cursor)
 
 
 @router.get("/fragments/worklist", dependencies=NURSE)
-def worklist_fragment(request: Request, session: SessionDep, settings: SettingsDep, view: View = "unread"):
-    """Returns only the table bodies, counts and status strip, swapped in place by the polling page."""
-    return templates.TemplateResponse(request, "_worklist_fragment.html", worklist_context(session, settings, view),
-                                      headers={"Cache-Control": "no-store"})
+def worklist_fragment(request: Request, session: SessionDep, settings: SettingsDep, view: View = "unread",
+                      section: str | None = None, cursor: Annotated[str | None, Query(max_length=1000)] = None):
+    """Returns only the table bodies, counts and status strip of the page shown, swapped in place by the
+    polling page; answers 304 (no body) when nothing changed since the version (ETag) the poller has."""
+    context = worklist_context(session, settings, view, paged=section, cursor=cursor)
+    response = templates.TemplateResponse(request, "_worklist_fragment.html", context,
+                                          headers={"Cache-Control": "no-store"})
+    etag = '"' + hashlib.sha256(_CLOCK.sub(b"", response.body)).hexdigest()[:32] + '"'
+    if etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-store"})
+    response.headers["ETag"] = etag
+    return response
 
 
 def study_context(session, settings, study, **extra) -> dict:

@@ -4,7 +4,6 @@ Plain functions that tests call directly; core.watcher wires them to watchdog.
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import os
@@ -21,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core import claim
 from core import repository as repo
+from core import staleness
 from core.db import session_scope
 from core.dicom import DicomInfo, header_identity
 from core.models import Status, utcnow
@@ -311,10 +311,13 @@ def scan_inbox(*, settings: Settings, enqueue: Enqueue, stop: threading.Event | 
 
 
 def requeue_stale(*, settings: Settings, enqueue: Enqueue) -> list[int]:
-    """Re-enqueues studies left queued/processing past requeue_after_seconds (a lost broker message)."""
-    cutoff = utcnow() - dt.timedelta(seconds=settings.requeue_after_seconds)
+    """Sends again the unfinished studies whose message looks lost or whose worker died holding the claim
+    (the rule is core.staleness.stale_study_ids); healthy work waiting in the broker or held by a live worker
+    is left alone."""
     with session_scope(settings.database_url) as session:
-        ids = repo.stale_study_ids(session, older_than=cutoff)
+        ids = staleness.stale_study_ids(session, now=utcnow(), requeue_after_seconds=settings.requeue_after_seconds,
+                                        worker_alive_seconds=settings.worker_alive_seconds,
+                                        claim_timeout_seconds=settings.claim_timeout_seconds)
     sent = []
     for sid in ids:
         if not send(sid, settings=settings, enqueue=enqueue):

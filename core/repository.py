@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core import worklist_rows
@@ -106,17 +106,48 @@ def mark_enqueued(session: Session, *, study_id: int) -> None:
                     .values(enqueued_at=utcnow(), enqueue_count=Study.enqueue_count + 1))
 
 
-def claim_study(session: Session, *, study_id: int, worker: str) -> str | None:
-    """Takes a non-terminal study for processing and returns a claim token (None if already finished).
+def claim_study(session: Session, *, study_id: int, worker: str, max_claims: int | None = None) -> str | None:
+    """Takes a non-terminal study for processing and returns a claim token (None if already finished, or if it
+    already holds `max_claims` claims without a result: see `exhausted_claims`).
 
     A later claim supersedes an earlier one (a redelivered task after a worker died), and only the
-    holder of the latest token can store results, so a study is never scored twice.
+    holder of the latest token can store results, so a study is never scored twice. Each claim adds one to
+    claim_count; a claim that ends without a result and is not released means its worker died holding it.
     """
     token = str(uuid.uuid4())
-    result = session.execute(update(Study).where(Study.id == study_id, Study.status.in_([Status.QUEUED,
-                                                                                     Status.PROCESSING]))
-                             .values(status=Status.PROCESSING, claim_token=token, started_at=utcnow(), worker=worker))
+    cond = [Study.id == study_id, Study.status.in_([Status.QUEUED, Status.PROCESSING])]
+    if max_claims is not None:
+        cond.append(Study.claim_count < max_claims)
+    result = session.execute(update(Study).where(*cond).values(
+        status=Status.PROCESSING, claim_token=token, started_at=utcnow(), worker=worker,
+        claim_count=Study.claim_count + 1))
     return token if result.rowcount == 1 else None
+
+
+def release_claims(session: Session, *, study_ids: list[int], worker: str) -> int:
+    """Gives back the claims `worker` holds on these studies after an orderly failure (an exception, not a
+    death): they are queued again and the claim is not counted, so a retried task is not taken for a poison
+    file. Returns how many were released."""
+    if not study_ids:
+        return 0
+    return session.execute(update(Study).where(
+        Study.id.in_(study_ids), Study.status == Status.PROCESSING, Study.worker == worker,
+        Study.claim_count > 0).values(status=Status.QUEUED, claim_token=None,
+                                      claim_count=Study.claim_count - 1)).rowcount
+
+
+def unfinished_claim_counts(session: Session, *, study_ids: list[int]) -> dict[int, int]:
+    """Returns {study id: claim_count} for the given studies that are still queued or processing."""
+    return dict(session.execute(select(Study.id, Study.claim_count).where(
+        Study.id.in_(study_ids), Study.status.in_([Status.QUEUED, Status.PROCESSING]))).all())
+
+
+def exhausted_claims(session: Session, *, study_id: int, max_claims: int) -> Study | None:
+    """Returns the study if it is still unfinished after `max_claims` claims (a poison file), else None."""
+    study = session.get(Study, study_id)
+    if study is None or study.status not in (Status.QUEUED, Status.PROCESSING) or study.claim_count < max_claims:
+        return None
+    return study
 
 
 def save_score(session: Session, *, study_id: int, token: str, logit: float, model_version: str, score: float,
@@ -155,13 +186,6 @@ def mark_refused(session: Session, *, study_id: int, reason: str, token: str | N
         cond.append(Study.claim_token == token)
     values = {"status": Status.REFUSED, "error": reason, "scored_at": None}
     return session.execute(update(Study).where(*cond).values(**values)).rowcount == 1
-
-
-def stale_study_ids(session: Session, *, older_than: dt.datetime) -> list[int]:
-    """Returns queued/processing studies whose last enqueue is older than the cut-off (lost messages)."""
-    return list(session.scalars(select(Study.id).where(
-        Study.status.in_([Status.QUEUED, Status.PROCESSING]),
-        or_(Study.enqueued_at.is_(None), Study.enqueued_at < older_than)).order_by(Study.id)))
 
 
 def record_feedback(session: Session, *, study_id: int, finding: str, comment: str | None,

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     requeue_after_seconds: int = 300  # queued/processing longer than this → enqueue again
     worker_heartbeat_seconds: int = 10
     worker_alive_seconds: int = 60
+    # A claim older than this is re-sent by the stale sweep even though its worker still beats (a hung task).
+    claim_timeout_seconds: int = 1800
     worker_concurrency: int = 1
     score_batch_size: int = 8
     # Inference precision: "auto" times each mode this device and bundle allow and keeps the fastest
@@ -47,6 +49,9 @@ class Settings(BaseSettings):
     task_max_retries: int = 3
     broker_visibility_timeout: int = 600  # Redis: redeliver unacked tasks of a dead worker after this
     debug_task_delay_seconds: float = 0.0  # fault-injection tests only: each claimed batch sleeps this long
+    # Fault-injection tests only: a worker process exits at once (os._exit) when it loads a study whose
+    # source_name contains this marker, as a decoder crash or the OOM killer would end it.
+    debug_crash_marker: str = ""
     task_queue: str = "chestaid"  # broker queue the ingester sends to and workers consume
     web_host: str = "127.0.0.1"
     web_port: int = 8000

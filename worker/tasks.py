@@ -138,11 +138,44 @@ def run_scoring(study_ids: list[int], *, settings: Settings | None = None) -> di
     return process_studies(list(study_ids), bundle=bundle, settings=settings, worker=worker_name())
 
 
+def _one_at_a_time(study_ids: list[int], *, settings: Settings) -> list[int] | None:
+    """For a batch in which some study was claimed before without a result (a redelivery after its worker
+    died): the unfinished ids to score one per pass, fewest claims first, so a poison film kills no more
+    batch-mates and its innocent neighbours are scored before it. None when the batch is fresh."""
+    if len(study_ids) < 2:
+        return None
+    try:
+        with session_scope(settings.database_url) as session:
+            counts = repo.unfinished_claim_counts(session, study_ids=study_ids)
+    except TRANSIENT:
+        return None  # cannot tell; the batch pass itself will meet the outage and retry
+    if not any(counts.values()):
+        return None
+    return sorted(counts, key=lambda sid: (counts[sid], study_ids.index(sid)))
+
+
+def _release_claims(study_ids: list[int], *, settings: Settings) -> None:
+    """Gives back this process's claims after an exception (best effort), so they count as no death."""
+    try:
+        with session_scope(settings.database_url) as session:
+            repo.release_claims(session, study_ids=study_ids, worker=worker_name())
+    except Exception as exc:
+        log.warning("could not release the claims on %s (%s); a retry counts them", study_ids, exc)
+
+
 def _run(task, study_ids: list[int]) -> dict[int, str]:
     settings = get_settings()
+    order = _one_at_a_time(study_ids, settings=settings)
+    if order is not None:
+        log.warning("batch %s was delivered before and not finished: scoring %s one at a time", study_ids, order)
+        outcome = {sid: "skipped" for sid in study_ids}  # finished meanwhile
+        for sid in order:
+            outcome.update(_run(task, [sid]))  # each pass logs its own "finished" line
+        return outcome
     try:
         outcome = run_scoring(study_ids, settings=settings)
     except TRANSIENT as exc:
+        _release_claims(study_ids, settings=settings)
         retries = task.request.retries
         countdown = min(60.0, 2.0 ** retries) * (0.5 + random.random())
         log.warning("transient error scoring %s (%s); retry %d/%d in %.1fs", study_ids, exc, retries + 1,
@@ -150,6 +183,7 @@ def _run(task, study_ids: list[int]) -> dict[int, str]:
         # After the last retry the study is left for the ingester's stale re-enqueue sweep.
         raise task.retry(exc=exc, countdown=countdown, max_retries=settings.task_max_retries)
     except Exception as exc:
+        _release_claims(study_ids, settings=settings)
         if len(study_ids) > 1:  # one poisoned study must not fail the rest of a batch
             outcome = {}
             for sid in study_ids:

@@ -248,3 +248,60 @@ def test_worklist_study_sliders_and_feedback_in_chromium(server, browser, monkey
     assert 1 <= problems.count(refused) <= 2
     assert [p for p in problems if p not in (refused, poll)] == []
 
+
+
+def test_performance_page_and_recalibration_in_chromium(server, browser, tmp_path):
+    """An admin reads the performance page (alerts, weekly table, plots), previews a recalibration on the last
+    150 reviewed cases and puts it in force with one confirmed click; the worklist banner names the alert."""
+    import json
+
+    import numpy as np
+    from scipy.special import expit
+
+    from core import calibrations, monitoring
+    from tests.test_monitoring import add_scored
+
+    site, base, _ = server
+    bundle_dir = tmp_path / "bundle"  # the server fixture's bundle: give it a reference histogram
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    rng = np.random.default_rng(0)
+    meta["reference_scores"] = monitoring.score_histogram(rng.normal(0.0, 3.0, 1000))
+    (bundle_dir / "bundle.json").write_text(json.dumps(meta))
+    site.settings.model_dir = bundle_dir
+    z = rng.normal(2.0, 4.0, 150)  # over-confident and shifted: ECE and drift alerts
+    y = rng.random(150) < expit(z / 3 - 1)
+    with session_scope(site.settings.database_url) as s:
+        for zi, yi in zip(z, y):
+            add_scored(s, logit=float(zi), finding="pneumonia" if yi else "normal", model=meta["version"],
+                       received_at=utcnow() - dt.timedelta(days=2))
+        before = calibrations.active(s).version
+    problems: list[str] = []
+    admin = new_page(browser, problems)
+    sign_in(admin, base, "ada", "/")
+    assert 'data-alert="ece"' in admin.locator("#monitor-banner").inner_html()
+    admin.click("#monitor-banner a")
+    admin.wait_for_url(base + "/admin/performance")
+    assert admin.locator('#alerts [data-alert="ece"]').count() == 1
+    assert admin.locator("#weekly tr.row-total").count() == 1
+    admin.wait_for_function("() => ['reliability-plot', 'scores-plot'].map(id => document.getElementById(id))"
+                            ".every(img => img.complete && img.naturalWidth > 0)")
+    admin.fill("#recal-last", "150")
+    admin.click("#recal-preview")
+    admin.wait_for_selector("#preview")
+    admin.wait_for_function("() => document.getElementById('recal-plot').complete "
+                            "&& document.getElementById('recal-plot').naturalWidth > 0")
+    new_version = admin.locator("#new-version").inner_text()
+    admin.set_viewport_size({"width": 1100, "height": 900})
+    admin.screenshot(path=str(SHOTS / "performance.png"), full_page=True)  # docs/performance.png comes from it
+    admin.check("#recal-confirm")
+    admin.click("#recal-activate")
+    admin.wait_for_url(base + "/admin/performance")
+    assert f"Calibration {new_version}" in admin.locator("#notice").inner_text()
+    assert new_version in admin.locator("#perf-calibration").inner_text()
+    with session_scope(site.settings.database_url) as s:
+        assert calibrations.active(s).version == new_version and calibrations.get(s, version=before) is not None
+    # A doctor reads the page without the recalibration form.
+    doctor = new_page(browser, problems)
+    sign_in(doctor, base, "dr.browser", "/admin/performance")
+    assert doctor.locator("#weekly").count() == 1 and doctor.locator("#recal-form").count() == 0
+    assert problems == []

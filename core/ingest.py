@@ -4,13 +4,11 @@ Plain functions that tests call directly; core.watcher wires them to watchdog.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import stat
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,40 +55,6 @@ def clean_suffix(name: str) -> str:
 def display_name(path: Path) -> str:
     """Returns the file name as storable text (undecodable bytes escaped, at most 512 characters)."""
     return path.name.encode("utf-8", "backslashreplace").decode("utf-8")[:512]
-
-
-def _can_open(path: Path) -> bool:
-    # Without following links or blocking on a pipe: only a regular file's readability matters here.
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK))
-        return True
-    except OSError:
-        return False
-
-
-def wait_until_stable(path: Path, seconds: float, *, stop: threading.Event | None = None) -> bool:
-    """Blocks until the inbox entry has not changed for `seconds` (and opens, when a regular file); False if it
-    vanished or we are stopping. It looks at the entry itself (lstat), so a link swapped in restarts the wait."""
-    poll = max(0.02, min(0.25, seconds / 4))
-    last, since = None, time.monotonic()
-    while True:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return False
-        sig = (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        now = time.monotonic()
-        if sig != last:
-            last, since = sig, now
-        else:
-            # A file last touched long ago (dropped while we were down) needs no full wait; every write
-            # moves mtime/ctime, so an old timestamp plus one unchanged poll means it is complete.
-            idle_on_disk = time.time() - max(st.st_mtime, st.st_ctime) >= seconds
-            if (now - since >= seconds or idle_on_disk) and (not stat.S_ISREG(st.st_mode) or _can_open(path)):
-                return True
-        if stop is not None and stop.is_set():
-            return False
-        time.sleep(poll)
 
 
 @dataclass(frozen=True)
@@ -144,7 +108,9 @@ def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop:
             return None  # another thread of this process is on it
         claimed = path
     else:
-        if not is_candidate(path) or (wait and not wait_until_stable(path, settings.stable_seconds, stop=stop)):
+        if not is_candidate(path):
+            return None
+        if wait and not claim.wait_until_stable(path, settings.stable_seconds, stop=stop):
             return None
         claimed = claim.claim(path, inbox=settings.inbox)
         if claimed is None:

@@ -158,7 +158,7 @@ def test_a_symlink_swapped_in_during_the_stability_wait_is_failed_and_never_foll
     secret.write_bytes(b"root:x:0:0:not for the archive\n")
     path = settings.inbox / "film.jpeg"
     path.write_bytes(fixture_images()[0].read_bytes())
-    real, swapped = ingest._can_open, threading.Event()
+    real, swapped = claim._can_open, threading.Event()
 
     def swap_then_check(p):
         if not swapped.is_set():  # the wait has just seen the film settle: the sender swaps in a link
@@ -167,7 +167,7 @@ def test_a_symlink_swapped_in_during_the_stability_wait_is_failed_and_never_foll
             os.replace(settings.inbox / ".link", path)
         return real(p)
 
-    monkeypatch.setattr(ingest, "_can_open", swap_then_check)
+    monkeypatch.setattr(claim, "_can_open", swap_then_check)
     enqueued: list[int] = []
     sid = ingest_file(path, settings=settings, enqueue=enqueued.append)
     assert swapped.is_set()

@@ -431,7 +431,8 @@ def test_c_store_to_inbox_to_ingester_to_scored(settings, bundle, caplog):
     caplog.set_level(logging.INFO)
     batch = instances(3)  # DX, CR MONOCHROME1 and JPEG 2000 DX, distinct SOP and Study UIDs
     enqueued: list[int] = []
-    server = start_listener(settings, port=0, ae_title="CHESTAID", host="127.0.0.1")
+    server = start_listener(settings, port=0, ae_title="CHESTAID", allowed=["MODALITY1", "MODALITY2"],
+                            host="127.0.0.1")
     try:
         with Ingester(settings, enqueued.append):
             port = server.server_address[1]

@@ -187,12 +187,14 @@ def _archive(fd: int, claimed: Path, *, settings: Settings, stop: threading.Even
         finally:
             staging.unlink(missing_ok=True)
         # The sender still writes into the claimed file (renaming does not stop an open writer).
-        log.info("%s is still being written after it was claimed; waiting for it to settle", claimed.name)
+        log.info("a claimed file is still being written (%s bytes now); waiting for it to settle",
+                 claim.signature(fd)[0])
         if not claim.wait_stable(fd, settings.stable_seconds, stop=stop):
             return None
 
 
 def _record_retrying(settings: Settings, claimed: Path, archived: _Archived) -> tuple[int, str]:
+    """Commits the Study row (see _record), once more if another ingester took the SOP Instance UID meanwhile."""
     for attempt in range(2):
         try:
             return _record(settings, claimed, archived)
@@ -230,7 +232,8 @@ def _record_unread(settings: Settings, path: Path, *, size: int, stored_path: st
         study = repo.create_study(session, source_name=display_name(path), sha256="", size_bytes=size,
                                   stored_path=stored_path, failure=reason)
         study_id = study.id
-    log.warning("recorded %s as failed study %s: %s", path.name, study_id, reason)
+    # Not the name (a sender may build DICOM file names from patient identifiers) nor where it is kept.
+    log.warning("recorded an inbox entry as failed study %s: %s", study_id, reason.split(";")[0])
     return study_id
 
 

@@ -176,7 +176,7 @@ def _archive(fd: int, claimed: Path, *, settings: Settings, stop: threading.Even
                 if claim.file_sha256(staging) != sha:
                     raise OSError(f"archive copy of {claimed.name} does not match what was read; retried")
                 # The DICOM header is read from the archived copy: identity, deduplication and the guard.
-                info, rejected = header_identity(staging) if size else (None, None)
+                info, rejected = header_identity(staging, max_bytes=settings.max_file_bytes) if size else (None, None)
                 if claim.signature(fd) == before:  # re-checked just before the copy becomes the record
                     folder = settings.quarantine_dir if size == 0 or rejected else settings.archive_dir / sha[:2]
                     folder.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from sqlalchemy import inspect, select
 from core.bundle import load_bundle, read_meta
 from core.db import get_engine, session_scope
 from core.imaging import load_grayscale
-from core.ingest import ingest_file
+from core.ingest import ingest_file, requeue_stale
 from core.migrate import upgrade
 from core.models import Calibration, Status, Study, WorkerHeartbeat
 from core.scoring import score_images
@@ -217,6 +217,37 @@ def test_whole_worker_killed_then_restarted_scores_the_study_once(tmp_path, pg_d
         _assert_scored_once(stack, sid, done)
     finally:
         stack.stop()
+
+
+@pytest.mark.services
+def test_stale_sweep_keeps_a_live_workers_claim_and_resends_a_dead_workers(tmp_path, postgres_url, redis_url,
+                                                                           bundle_dir):
+    with fresh_postgres_database(postgres_url) as db:  # the sweep looks at every study of its database
+        stack = redis_stack(tmp_path, db, redis_url, bundle_dir, debug_task_delay_seconds=8,
+                            requeue_after_seconds=1, worker_alive_seconds=3)
+        sweep = lambda: requeue_stale(settings=stack.settings, enqueue=stack.enqueue)  # noqa: E731
+        try:
+            first = stack.start_worker()
+            sid = stack.drop("held.png", variant(5, 31))
+            claimed = stack.wait_status(sid, Status.PROCESSING)
+
+            def beat():  # the claim names the pool process, which beats under that same name
+                with session_scope(db) as session:
+                    return session.get(WorkerHeartbeat, claimed.worker)
+            wait_for(beat, 30, message=lambda: f"a heartbeat from {claimed.worker}\n{stack.logs()}")
+            time.sleep(1.5)  # the send and the claim are now older than requeue_after_seconds
+            assert sweep() == []  # a live worker's claim is not re-sent, so not stolen
+            held = stack.study(sid)
+            assert (held.status, held.claim_token, held.enqueue_count) == (Status.PROCESSING, claimed.claim_token, 1)
+
+            first.kill()  # the whole worker is lost; Redis holds its unacked message for 600 s
+            assert wait_for(sweep, 30, 0.5, message="the sweep to re-send the dead worker's study") == [sid]
+            stack.start_worker()
+            done = stack.wait_status(sid, Status.SCORED)
+            assert (done.enqueue_count, done.claim_count) == (2, 2)
+            assert done.claim_token != claimed.claim_token and done.worker != claimed.worker
+        finally:
+            stack.stop()
 
 
 def _assert_scored_once(stack: Stack, sid: int, done: Study) -> None:

@@ -59,10 +59,12 @@ class Settings(BaseSettings):
     # Every list is paged (issue 9): rows per page by default, and the most a client may ask for.
     page_size: int = 50
     max_page_size: int = 200
-    dicom_host: str = "0.0.0.0"  # C-STORE receiver: modalities and PACS push over the network
+    # C-STORE receiver: loopback unless set (e.g. 0.0.0.0) for modalities and PACS on the network.
+    dicom_host: str = "127.0.0.1"
     dicom_port: int = 11112
     dicom_ae_title: str = "CHESTAID"
-    dicom_allowed_aes: list[str] = []  # calling AE titles accepted; empty = any (JSON list in the env)
+    # Calling AE titles accepted (JSON list in the env, e.g. '["PACS1"]'); empty = every association is refused.
+    dicom_allowed_aes: list[str] = []
     # Sign-in throttling (issues 5, 8): failures counted in the database, so it holds across web processes.
     # Per (account, client) pair, with no lock-out: after login_failures_before_delay failures each further
     # try from that client for that account waits base * 2^(extra failures) seconds (at most the max), so a

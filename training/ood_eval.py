@@ -101,7 +101,7 @@ AUROC of the OOD score, validation films vs all OOD families: **{ev['auroc_ood_s
 | real validation films | n | refused (false refusals) |
 |---|---|---|
 {fr}
-"""
+""" + (f"\nNote: {ood['notes']}\n" if ood.get("notes") else "")
 
 
 def replace_section(readme: Path, section: str) -> None:

@@ -32,7 +32,7 @@ def mahalanobis(embeddings: torch.Tensor, class_means: torch.Tensor, precision: 
     """
     x = embeddings.double()
     diff = x[:, None, :] - class_means.double()[None, :, :]  # [N,K,C]
-    d2 = torch.einsum("nkc,cd,nkd->nk", diff, precision.double(), diff)
+    d2 = ((diff @ precision.double()) * diff).sum(dim=2)  # one [N·K,C]×[C,C] product
     return d2.clamp_min(0).min(dim=1).values.sqrt().float()
 
 

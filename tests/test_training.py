@@ -46,21 +46,44 @@ def test_split_is_patient_grouped_stratified_and_reproducible(data_root):
     assert [it.path for it in again["report"]] == [it.path for it in splits["report"]]
 
 
-def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_path):
+def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_path, monkeypatch):
+    import core.precision
+    import torch
+
+    # A CPU without native bf16 must train in fp32 (emulated bf16 is ~5x slower), and say so.
+    monkeypatch.setattr(core.precision, "native_bf16", lambda: False)
     runner = CliRunner()
     bundle = tmp_path / "bundle"
+    threads = torch.get_num_threads()
     result = runner.invoke(main, ["train", "--data", str(data_root), "--run-dir", str(tmp_path / "run"),
-                                  "--bundle", str(bundle), "--schedule", "64:1,96:1", "--limit", "24",
-                                  "--batch-size", "8"])
+                                  "--bundle", str(bundle), "--schedule", "64:1,96:2", "--limit", "24",
+                                  "--batch-size", "8", "--shift-films", "16", "--threads", "1"])
+    torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "training precision: cpu fp32 (CPU without native bf16" in result.output
     meta = json.loads((bundle / "bundle.json").read_text())
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["res"] for r in log] == [64, 96]
-    assert meta["training"]["epochs_run"] == 2 and meta["architecture"] == "densenet121"
+    assert [r["res"] for r in log] == [64, 96, 96]
+    assert meta["training"]["precision_mode"] == "fp32" and {r["precision"] for r in log} == {"fp32"}
+    assert meta["training"]["shift_films_n"] == 16 and meta["training"]["ema"] > 0
+    for r in log:  # every epoch is scored on the shift suite
+        assert 0.0 <= r["shift_mean_roc_auc"] <= 1.0 and r["shift_worst"]["roc_auc"] <= r["shift_mean_roc_auc"]
+    # The kept epoch of the last phase is the one training.selection picks from its shift and clean scores.
+    from training.selection import EpochScore, best_of
+    last = [EpochScore(r["epoch"], r["shift_mean_roc_auc"], r["val_roc_auc"]) for r in log[1:]]
+    assert log[-1]["best"] == best_of(last).epoch
+    kept = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    from core.bundle import load_network
+    shipped = load_network(bundle).state_dict()
+    assert torch.allclose(kept["classifier.weight"].half().float(), shipped["classifier.weight"])
+    assert meta["training"]["epochs_run"] == 3 and meta["architecture"] == "densenet121"
     assert meta["calibration"]["kind"] in ("temperature", "platt", "isotonic")
     assert 0.0 <= meta["threshold"] <= 1.0
     assert set(meta["bf16_check"]) >= {"val_roc_auc_fp32", "val_roc_auc_bf16", "use_bf16"}
     assert (bundle / "report" / "README.md").exists() and (bundle / "report" / "roc.png").exists()
+    # finalize fits the OOD guard too: statistics file, threshold, figures per family, report section.
+    assert (bundle / meta["ood"]["file"]).is_file() and len(meta["ood"]["evaluation"]["families"]) == 12
+    assert "## Out-of-distribution guard" in (bundle / "report" / "README.md").read_text()
 
     films = [str(p) for p in fixture_images()[:2]]
     scored = runner.invoke(main, ["score", "--model", str(bundle), "--json", *films])

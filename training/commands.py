@@ -35,12 +35,24 @@ def _bundle(model: str | None):
 @click.option("--schedule", default="128:16,224:8", show_default=True, help="Progressive resizing, px:epochs,….")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
-@click.option("--patience", default=5, show_default=True, help="Early stopping on validation ROC-AUC.")
+@click.option("--patience", default=5, show_default=True,
+              help="Early stopping: epochs without a better shift-suite mean ROC-AUC (clean validation breaks ties).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", default=0, help="Use only N images per split (smoke runs).")
+@click.option("--augment", default="robust", show_default=True,
+              help="robust (crop,affine,gamma,contrast,blur,noise), basic (the old recipe), none, or a comma list.")
+@click.option("--label-smoothing", default=0.05, show_default=True, help="Binary label smoothing (0: off).")
+@click.option("--ema", default=0.998, show_default=True, help="EMA decay of the weights kept and shipped (0: off).")
+@click.option("--shift-films", default=200, show_default=True,
+              help="Validation films (seeded, stratified subset) the per-epoch shift suite runs on; 0: all.")
+@click.option("--precision", "train_precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="auto: fp32 on a CPU without native bf16, bf16 where native, bf16/fp16 AMP on CUDA.")
+@click.option("--threads", default=0, help="Torch CPU threads (0: torch's default).")
 @click.option("--target-sensitivity", default=None, type=float, help="Operating point (default: settings).")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from the run dir's checkpoint.")
-def train(data, run_dir, bundle_dir, init, schedule, batch_size, lr, patience, seed, limit, target_sensitivity, resume):
+def train(data, run_dir, bundle_dir, init, schedule, batch_size, lr, patience, seed, limit, augment, label_smoothing,
+          ema, shift_films, train_precision, threads, target_sensitivity, resume):
     """Trains DenseNet-121, calibrates it on validation data and writes a model bundle."""
     from core.model import InitWeightsError
     from training.finalize import finalize
@@ -49,9 +61,19 @@ def train(data, run_dir, bundle_dir, init, schedule, batch_size, lr, patience, s
     run = Path(run_dir)
     if not resume and (run / "checkpoint.pt").exists():
         raise click.ClickException(f"{run} already holds a run; use --resume or another --run-dir")
+    try:  # options that cannot work are refused before any data is read
+        import torch
+        from training import augment as augment_pieces
+        from training.train import training_precision
+        augment_pieces.parse(augment)
+        training_precision(torch.device("cuda" if torch.cuda.is_available() else "cpu"), train_precision)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
     try:
         train_main(TrainConfig(data=data, out=str(run), init=init, schedule=schedule, batch_size=batch_size, lr=lr,
-                               patience=patience, seed=seed, limit=limit))
+                               patience=patience, seed=seed, limit=limit, augment=augment,
+                               label_smoothing=label_smoothing, ema=ema, shift_films=shift_films,
+                               precision=train_precision, threads=threads))
     except InitWeightsError as exc:
         raise click.ClickException(str(exc)) from exc
     meta = finalize(run, Path(data), Path(bundle_dir), target_sensitivity or _settings().target_sensitivity,
@@ -103,11 +125,28 @@ def score(paths, model, as_json, batch_size):
 @click.option("--ood", is_flag=True, help="Evaluate the out-of-distribution guard instead: the bundle's validation "
               "films vs a synthesised OOD set (never downloaded).")
 @click.option("--per-family", default=60, show_default=True, help="With --ood: synthetic images per family.")
-def evaluate(data, split, model, out, ood, per_family):
+@click.option("--shift", is_flag=True, help="Run the shift suite instead: ROC-AUC of the bundle's validation films "
+              "under each perturbation of training.shift, the mean and the worst.")
+@click.option("--limit", default=0, show_default=True, help="With --shift: a seeded, stratified subset of N films.")
+@click.option("--seed", default=0, show_default=True, help="With --shift: seed of the perturbations and the subset.")
+@click.option("--record", is_flag=True, help="With --shift: write the report into the bundle's report/ folder and "
+              "its figures into bundle.json (key shift_suite).")
+@click.option("--threads", default=0, help="Torch CPU threads (0: torch's default).")
+def evaluate(data, split, model, out, ood, per_family, shift, limit, seed, record, threads):
     """Evaluates the bundle on a labelled Kaggle-layout split: JSON + Markdown report and plots."""
     from training.evaluate import evaluate as run_evaluate
 
+    if shift and ood:
+        raise click.UsageError("--shift and --ood are separate reports; give one")
+    if record and not shift:
+        raise click.UsageError("--record only applies to --shift")
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     bundle = _bundle(model)
+    if shift:
+        _evaluate_shift(bundle, data, out, limit, seed, record)
+        return
     if ood:
         from training.ood_eval import evaluate_ood
         out = out or Path("runs") / "eval-ood"
@@ -127,6 +166,24 @@ def evaluate(data, split, model, out, ood, per_family):
     click.echo(f"{split}: n={m['n']} ROC-AUC {m['roc_auc']:.4f} PR-AUC {m['pr_auc']:.4f} "
                f"sensitivity {m['sensitivity']:.3f} specificity {m['specificity']:.3f} "
                f"ECE {m['ece_uncalibrated']:.3f}→{m['ece_calibrated']:.3f}; report in {out}")
+
+
+def _evaluate_shift(bundle, data, out, limit, seed, record):
+    """Prints and writes the shift suite's per-perturbation table (and records it in the bundle if asked)."""
+    from training.evaluate import evaluate_shift, record_shift_in_bundle
+    from training.shift import markdown_table
+
+    out = out or (bundle.directory / "report" if record else Path("runs") / "eval-shift")
+    try:
+        r = evaluate_shift(bundle, data, out, limit=limit, seed=seed,
+                           progress=lambda name, auc: click.echo(f"{name}: ROC-AUC {auc:.4f}", err=True))
+        if record:
+            record_shift_in_bundle(bundle.directory, r)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(markdown_table(r))
+    click.echo(f"shift suite on {r['n']} films: mean ROC-AUC {r['mean_roc_auc']:.4f}, worst {r['worst']['roc_auc']:.4f} "
+               f"({r['worst']['perturbation']}), clean {r['clean_roc_auc']:.4f}; report in {out}")
 
 
 @click.command()

@@ -97,3 +97,75 @@ threshold {info['threshold']:.4f} → sensitivity {info['sensitivity']:.4f}, spe
 {chr(10).join(f'![{p}]({p})' for p in plots)}
 """)
     return result
+
+
+def evaluate_shift(bundle: Bundle, data_root: Path, out_dir: Path, *, limit: int = 0, seed: int = 0,
+                   batch_size: int = 32, progress=None) -> dict:
+    """Runs the shift suite (training.shift) on the bundle's validation films; writes shift.json and shift.md.
+
+    The films are the calibration and report halves of the bundle's own split.csv, never a test split;
+    `limit` keeps a fixed, seeded, class-stratified subset of them (quick runs).
+    """
+    from core.preprocess import normalize
+    from training.data import read_split_file
+    from training.shift import markdown_table, run_suite, seeded_subset
+
+    split_file = bundle.directory / "split.csv"
+    if not split_file.is_file():
+        raise ValueError(f"{bundle.directory} has no split.csv: the shift suite runs on the bundle's validation films")
+    splits = read_split_file(split_file, data_root)
+    items = splits.get("calibration", []) + splits.get("report", [])
+    if not items:
+        raise ValueError(f"{split_file} lists no validation (calibration/report) films")
+    items = [items[i] for i in seeded_subset([it.label for it in items], limit, seed)]
+    films, labels, errors = [], [], {}
+    for it in items:
+        try:
+            films.append(load_grayscale(it.path))
+            labels.append(it.label)
+        except (ImageRejected, OSError) as exc:
+            errors[str(it.path)] = str(exc)
+
+    def predict(arrays: np.ndarray) -> np.ndarray:
+        out = [bundle.forward(normalize(arrays[i:i + batch_size]))[0].numpy() for i in range(0, len(arrays), batch_size)]
+        return np.concatenate(out).astype(np.float64)
+
+    summary = run_suite(predict, films, labels, seed=seed, progress=progress)
+    y = np.asarray(labels)
+    result = {"model_version": bundle.version, "precision": bundle.mode, "data": str(data_root),
+              "films": "bundle split.csv: validation calibration + report halves" + (f", seeded subset of {limit}"
+                                                                                     if limit else ""),
+              "n": int(len(y)), "n_pneumonia": int(y.sum()), "n_normal": int((1 - y).sum()), "seed": seed,
+              "n_unreadable": len(errors), "unreadable": errors, **summary}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "shift.json").write_text(json.dumps(result, indent=2) + "\n")
+    described = "\n".join(f"- `{k}` ({r['family']}): {r['description']}" for k, r in summary["per_perturbation"].items())
+    (out_dir / "shift.md").write_text(f"""# Shift suite — {bundle.version}
+
+{result['n']} validation films ({result['n_pneumonia']} pneumonia, {result['n_normal']} normal) from the bundle's
+split.csv, each perturbed as the service would receive it (8-bit grayscale film before preprocessing), seed {seed},
+scored in {bundle.mode}; {len(errors)} unreadable. ROC-AUC on the raw model output. Families held out of
+training augmentation: {', '.join(summary['held_out_families'])}.
+
+{markdown_table(summary)}
+
+## Perturbations
+
+{described}
+""")
+    return result
+
+
+def record_shift_in_bundle(bundle_dir: Path, result: dict) -> None:
+    """Adds the suite's figures to bundle.json under `shift_suite` (weights and everything else untouched)."""
+    from core.bundle import read_meta, write_meta
+
+    meta = read_meta(bundle_dir)
+    if meta["version"] != result["model_version"]:
+        raise ValueError(f"shift figures of {result['model_version']} cannot go into bundle {meta['version']}")
+    meta["shift_suite"] = {k: result[k] for k in ("n", "n_pneumonia", "n_normal", "seed", "precision", "films",
+                                                  "clean_roc_auc", "mean_roc_auc", "worst", "mean_held_out",
+                                                  "mean_in_training_augmentation", "held_out_families")}
+    meta["shift_suite"]["per_perturbation"] = {k: round(v["roc_auc"], 6) for k, v in result["per_perturbation"].items()}
+    meta["shift_suite"]["report"] = "report/shift.md"
+    write_meta(bundle_dir, meta)

@@ -146,7 +146,8 @@ def guarded_bundle(directory, *, threshold: float):
     meta = read_meta(directory)
     meta["ood"] = save_guard(directory, tensors, {
         "threshold": threshold, "norm": {"distance_mean": 0.0, "distance_std": 1.0, "energy_weight": 0.0},
-        "orientation": {"upright_min": 0.5}})
+        "score": "distance to 0 (test)", "n_train": 0, "shrinkage": 0.0, "threshold_rule": "set by the test",
+        "orientation": {"upright_min": 0.5, "rule": "test", "probe_films": 0}})
     write_meta(directory, meta)
     return directory
 
@@ -214,3 +215,27 @@ def test_a_bundle_without_a_guard_scores_as_before(bundle_dir):
     assert bundle.ood is None
     results = score_images(bundle, synthesise(1, seed=2)["pattern"])
     assert results[0].refusal is None and results[0].ood_score is None
+
+
+def test_evaluate_ood_reports_auroc_family_rates_and_false_refusals(tmp_path):
+    bundle = guarded_bundle(tmp_path / "bundle", threshold=-1.0)  # refuses everything: rates are known exactly
+    root = tmp_path / "kaggle"
+    rows = ["split,label,relpath,patient"]
+    for i, p in enumerate(fixture_images()):
+        label = "NORMAL" if p.name.startswith("normal") else "PNEUMONIA"
+        (root / "train" / label).mkdir(parents=True, exist_ok=True)
+        (root / "train" / label / p.name).write_bytes(p.read_bytes())
+        rows.append(f"{'calibration' if i % 2 else 'report'},{int(label == 'PNEUMONIA')},train/{label}/{p.name},p{i}")
+    (bundle / "split.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["evaluate", "--ood", "--data", str(root), "--model", str(bundle),
+                                       "--out", str(out), "--per-family", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "ood_evaluation.json").read_text())
+    assert set(report["families"]) == set(FAMILIES) | set(ORIENTATIONS[1:])
+    assert {f["n"] for name, f in report["families"].items() if name in FAMILIES} == {2}
+    assert report["families"]["upside down"]["n"] == 3 and report["min_family_refusal"] == 1.0
+    assert {k: v["refused"] for k, v in report["false_refusal"].items()} == {"calibration half": 1.0, "report half": 1.0}
+    assert 0.0 <= report["auroc_ood_score"] <= 1.0
+    assert "AUROC of the OOD score" in (out / "ood_evaluation.md").read_text()
+    assert "validation report half: false refusals 100.00% of 3" in result.output

@@ -142,3 +142,40 @@ def test_init_from_a_local_weights_file_and_clear_errors(data_root, tmp_path):
     result = CliRunner().invoke(main, ["train", "--init", str(tmp_path / "missing.safetensors"), "--limit", "8",
                                        "--run-dir", str(tmp_path / "run"), "--data", str(data_root)])
     assert result.exit_code == 1 and "initial weights file not found" in result.output
+
+
+def test_training_resumes_with_its_weight_average_and_selection_history(data_root, tmp_path, capsys):
+    import torch
+
+    from training.train import TrainConfig, main as train_main
+
+    threads = torch.get_num_threads()
+    cfg = dict(data=str(data_root), out=str(tmp_path / "run"), limit=12, batch_size=8, shift_films=8, threads=1,
+               precision="fp32")
+    try:
+        train_main(TrainConfig(schedule="64:1", **cfg))
+        first = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+        train_main(TrainConfig(schedule="64:2", **cfg))
+    finally:
+        torch.set_num_threads(threads)
+    assert "resumed after epoch 1" in capsys.readouterr().out
+    second = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    steps = int(first["ema"]["n_averaged"])
+    assert steps == 2  # 12 training films in batches of 8: the average counts every optimiser step
+    assert int(second["ema"]["n_averaged"]) == 2 * steps  # resumed, not restarted from the raw weights
+    assert [h["epoch"] for h in second["state"]["history"]] == [1, 2]
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["precision"] == "fp32" for r in log)
+
+
+def test_train_refuses_unknown_augmentation_and_unavailable_precision(tmp_path):
+    import torch
+
+    bad = CliRunner().invoke(main, ["train", "--augment", "crop,jpeg", "--run-dir", str(tmp_path / "r"),
+                                    "--data", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown augmentation 'jpeg'" in bad.output
+    if not torch.cuda.is_available():
+        fp16 = CliRunner().invoke(main, ["train", "--precision", "fp16", "--run-dir", str(tmp_path / "r"),
+                                         "--data", str(tmp_path)])
+        assert fp16.exit_code == 2 and "'fp16' is not available on cpu" in fp16.output
+    assert not (tmp_path / "r").exists()  # refused before any work

@@ -129,6 +129,7 @@ def save_guard(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) ->
     """Writes the tensors as safetensors and returns the JSON part for bundle.json (with the file's sha256)."""
     path = Path(directory) / OOD_FILE
     save_file({k: tensors[k].float().contiguous() for k in TENSORS}, str(path))
+    path.chmod(0o644)  # safetensors writes 0600; the bundle is no secret and service users must read it
     return {**meta, "file": OOD_FILE, "sha256": file_sha256(path)}
 
 

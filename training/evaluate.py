@@ -126,11 +126,23 @@ def evaluate_shift(bundle: Bundle, data_root: Path, out_dir: Path, *, limit: int
         except (ImageRejected, OSError) as exc:
             errors[str(it.path)] = str(exc)
 
+    refused: list[float] = []  # share of films the bundle's OOD guard refuses, one entry per predict call
+
     def predict(arrays: np.ndarray) -> np.ndarray:
-        out = [bundle.forward(normalize(arrays[i:i + batch_size]))[0].numpy() for i in range(0, len(arrays), batch_size)]
-        return np.concatenate(out).astype(np.float64)
+        logits, n_refused = [], 0
+        for i in range(0, len(arrays), batch_size):
+            z, _, emb = bundle.forward(normalize(arrays[i:i + batch_size]))
+            logits.append(z.numpy())
+            if bundle.ood is not None:
+                n_refused += sum(v.reason is not None for v in bundle.ood.evaluate(emb, z))
+        refused.append(n_refused / len(arrays))
+        return np.concatenate(logits).astype(np.float64)
 
     summary = run_suite(predict, films, labels, seed=seed, progress=progress)
+    if bundle.ood is not None:  # run_suite scores clean films first, then PERTURBATIONS in order
+        summary["clean_refused_by_ood_guard"] = refused[0]
+        for name, share in zip(summary["per_perturbation"], refused[1:]):
+            summary["per_perturbation"][name]["refused_by_ood_guard"] = share
     y = np.asarray(labels)
     result = {"model_version": bundle.version, "precision": bundle.mode, "data": str(data_root),
               "films": "bundle split.csv: validation calibration + report halves" + (f", seeded subset of {limit}"
@@ -148,12 +160,28 @@ scored in {bundle.mode}; {len(errors)} unreadable. ROC-AUC on the raw model outp
 training augmentation: {', '.join(summary['held_out_families'])}.
 
 {markdown_table(summary)}
-
+{_refusal_note(summary)}
 ## Perturbations
 
 {described}
 """)
     return result
+
+
+def _refusal_note(summary: dict) -> str:
+    """A table of how many perturbed films the bundle's OOD guard would refuse (empty without a guard)."""
+    if "clean_refused_by_ood_guard" not in summary:
+        return ""
+    rows = "\n".join(f"| {k} | {r['refused_by_ood_guard']:.1%} |" for k, r in summary["per_perturbation"].items())
+    return f"""
+The service would refuse some perturbed films as out of distribution (its OOD guard) instead of scoring them;
+the ROC-AUCs above score every film regardless. Share refused:
+
+| perturbation | refused by the OOD guard |
+|---|---|
+| clean | {summary['clean_refused_by_ood_guard']:.1%} |
+{rows}
+"""
 
 
 def record_shift_in_bundle(bundle_dir: Path, result: dict) -> None:
@@ -167,5 +195,9 @@ def record_shift_in_bundle(bundle_dir: Path, result: dict) -> None:
                                                   "clean_roc_auc", "mean_roc_auc", "worst", "mean_held_out",
                                                   "mean_in_training_augmentation", "held_out_families")}
     meta["shift_suite"]["per_perturbation"] = {k: round(v["roc_auc"], 6) for k, v in result["per_perturbation"].items()}
+    if "clean_refused_by_ood_guard" in result:
+        meta["shift_suite"]["refused_by_ood_guard"] = {
+            "clean": round(result["clean_refused_by_ood_guard"], 6),
+            **{k: round(v["refused_by_ood_guard"], 6) for k, v in result["per_perturbation"].items()}}
     meta["shift_suite"]["report"] = "report/shift.md"
     write_meta(bundle_dir, meta)

@@ -29,7 +29,7 @@ from core.db import session_scope  # noqa: E402
 from core.migrate import upgrade  # noqa: E402
 from core.models import Status, Study  # noqa: E402
 
-STAGES = ["decode_ms", "preprocess_ms", "forward_cam_ms", "heatmap_ms", "db_ms"]
+STAGES = ["decode_ms", "preprocess_ms", "forward_cam_ms", "ood_ms", "heatmap_ms"]
 
 
 def source_films(n: int) -> list[Path]:

@@ -5,10 +5,11 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import calibrations
+from core import calibrations, staleness
 from core import repository as repo
 from core.bundle import Bundle
 from core.calibration import calibrator_from_dict
@@ -17,6 +18,7 @@ from core.dicom import FilmRefused
 from core.gradcam import heatmap_png
 from core.imaging import ImageRejected, load_grayscale
 from core.scoring import score_images
+from core.models import utcnow
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ class Claimed:
     study_id: int
     token: str
     stored_path: str
+    source_name: str = ""
+    override_by: str | None = None  # an admin's "score anyway": the OOD guard does not refuse this study
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -57,13 +61,53 @@ def _crash_if_marked(settings: Settings, names: list[str]) -> None:
         os._exit(70)
 
 
-def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: str) -> dict[int, str]:
-    """Scores a batch of studies end to end; returns {study_id: final status or "skipped"}."""
+def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: str,
+                    batch_size: int = 0) -> dict[int, str]:
+    """Scores studies end to end; returns {study_id: final status or "skipped"}.
+
+    With `batch_size` > 0 a burst fills the batch: queued studies beyond those delivered are claimed too, up to
+    two forward passes of `batch_size`, and the stages overlap — the next pass's films are decoded and the last
+    pass's heat-maps encoded and stored by a thread pool while the network runs.
+    """
     outcome: dict[int, str] = {}
-    url = settings.database_url
-    with session_scope(url) as session:
-        claimed, names = [], []
+    claimed, calibration = _claim(study_ids, bundle=bundle, settings=settings, worker=worker,
+                                  room=2 * batch_size, outcome=outcome)
+    _crash_if_marked(settings, [c.source_name for c in claimed])
+    chunk = batch_size or max(1, len(claimed))
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage") as pool:
+        loads = [pool.submit(_load, c, settings) for c in claimed]  # decoding starts at once, ahead of the model
+        persisting = []
+        for start in range(0, len(claimed), chunk):
+            ready = []
+            for c, load in zip(claimed[start:start + chunk], loads[start:start + chunk]):
+                image, decode_ms, failure = load.result()
+                if failure is None:
+                    ready.append((c, image, decode_ms))
+                else:
+                    outcome[c.study_id] = failure
+            results = score_images(bundle, [img for _, img, _ in ready], calibrator=calibration[0],
+                                   threshold=calibration[1], bypass_guard=[c.override_by is not None for c, _, _ in ready])
+            persisting += [(c, pool.submit(_persist, c, img, res, decode_ms, bundle=bundle, settings=settings,
+                                           calibration=calibration))
+                           for (c, img, decode_ms), res in zip(ready, results)]
+        for c, done in persisting:
+            outcome[c.study_id] = done.result()
+    return outcome
+
+
+def _claim(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: str, room: int,
+           outcome: dict[int, str]) -> tuple[list[Claimed], tuple]:
+    """Claims the delivered studies (and, when `room` allows, fresh queued companions) in one transaction;
+    returns them with the calibration in force. Poison files and studies a live worker holds are settled here."""
+    claimed: list[Claimed] = []
+    with session_scope(settings.database_url) as session:
         for sid in study_ids:
+            holder = staleness.holder_is_alive(session, study_id=sid, me=worker, now=utcnow(),
+                                               worker_alive_seconds=settings.worker_alive_seconds,
+                                               claim_timeout_seconds=settings.claim_timeout_seconds)
+            if holder is not None:  # a second delivery of a study a live worker is scoring: leave it be
+                outcome[sid] = "skipped"
+                continue
             token = repo.claim_study(session, study_id=sid, worker=worker, max_claims=settings.max_claims)
             if token is None and (poison := repo.exhausted_claims(session, study_id=sid,
                                                                   max_claims=settings.max_claims)):
@@ -75,73 +119,71 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
                 log.error("study %s failed: %s", sid, reason)
                 outcome[sid] = "failed"
                 continue
-            study = repo.get_study(session, study_id=sid)
-            if token is None or study is None:
+            if token is None:
                 outcome[sid] = "skipped"
             else:
-                claimed.append(Claimed(sid, token, study.stored_path))
-                names.append(study.source_name)
+                claimed.append(Claimed(sid, token, ""))
+        # A burst: fill the passes with fresh queued studies; a study already claimed before is never a
+        # companion (it may be a poison file), and a delivered study that is is scored alone (worker.tasks).
+        fresh = all(repo.get_study(session, study_id=c.study_id).claim_count == 1 for c in claimed)
+        if claimed and fresh and room > len(claimed):
+            claimed += [Claimed(sid, token, "") for sid, token in repo.claim_companions(
+                session, worker=worker, limit=room - len(claimed), exclude=[c.study_id for c in claimed])]
+        for c in claimed:
+            study = repo.get_study(session, study_id=c.study_id)
+            c.stored_path, c.source_name, c.override_by = study.stored_path, study.source_name, study.guard_override_by
         cal = calibrations.in_force(session, bundle=bundle)
         calibration = ((calibrator_from_dict({"kind": cal.kind, "params": cal.params}), cal.threshold, cal.version)
                        if cal else (bundle.calibrator, bundle.threshold, bundle.calibration_version))
-    _crash_if_marked(settings, names)
+    return claimed, calibration
 
-    # Load: a file that cannot be decoded fails alone, with its reason, and goes to quarantine; a film the
-    # guard refuses (ingest already refuses those; this is the backstop) stays archived, listed as refused.
-    images, ok, load_ms = [], [], {}
-    for c in claimed:
-        t0 = time.perf_counter()
-        try:
-            # A stored file over max_file_bytes is refused unread (ImageRejected → failed, quarantined).
-            images.append(load_grayscale(settings.data_dir / c.stored_path, max_pixels=settings.max_image_pixels,
-                                         max_bytes=settings.max_file_bytes))
-            ok.append(c)
-            load_ms[c.study_id] = (time.perf_counter() - t0) * 1000
-        except FilmRefused as exc:
-            with session_scope(url) as session:
-                repo.mark_refused(session, study_id=c.study_id, token=c.token, reason=str(exc))
-            log.info("study %s refused: %s", c.study_id, exc)
-            outcome[c.study_id] = "refused"
-        except (ImageRejected, FileNotFoundError) as exc:
-            reason = str(exc) if isinstance(exc, ImageRejected) else "stored file is missing from the archive"
-            with session_scope(url) as session:
-                repo.mark_failed(session, study_id=c.study_id, token=c.token, reason=reason,
-                                 stored_path=quarantine(settings, c.stored_path))
-            log.info("study %s failed: %s", c.study_id, reason)
-            outcome[c.study_id] = "failed"
 
-    # Preprocess, predict, calibrate and Grad-CAM, as one batch.
-    calibrator, threshold, cal_version = calibration
-    results = score_images(bundle, images, calibrator=calibrator, threshold=threshold)
+def _load(c: Claimed, settings: Settings) -> tuple[object, float, str | None]:
+    """Decodes one claimed film: (image, decode ms, None), or records why not and returns its final status.
 
-    # Persist: heat-map first (idempotent overwrite), then the row, only if our claim still holds. A film the
-    # OOD guard refuses is listed as refused with the reason (kept in the archive, never ranked or flagged),
-    # unless an admin chose "score anyway" for that study.
-    for c, img, res in zip(ok, images, results):
-        if res.refusal is not None:
-            with session_scope(url) as session:
-                override_by = repo.get_study(session, study_id=c.study_id).guard_override_by
-                if override_by is None:
-                    refused = repo.mark_refused(session, study_id=c.study_id, token=c.token, reason=res.refusal)
-            if override_by is None:
-                log.info("study %s refused by the OOD guard: %s", c.study_id, res.refusal)
-                outcome[c.study_id] = "refused" if refused else "skipped"
-                continue
-            log.info("study %s scored despite the OOD guard (%s): override by %s", c.study_id, res.refusal,
-                     override_by)
-        t0 = time.perf_counter()
-        heat_rel = f"heatmaps/{c.study_id}.png"
-        atomic_write(settings.data_dir / heat_rel, heatmap_png(res.cam, img.size))
-        t1 = time.perf_counter()
-        timings = {**res.timings, "decode_ms": load_ms[c.study_id], "heatmap_ms": (t1 - t0) * 1000}
-        with session_scope(url) as session:
-            stored = repo.save_score(session, study_id=c.study_id, token=c.token, logit=res.logit,
-                                     model_version=bundle.version, score=res.score, threshold=threshold,
-                                     calibration_version=cal_version, width=img.size[0], height=img.size[1],
-                                     heatmap_path=heat_rel, timings={**timings, "db_ms": 0.0})
-        timings["db_ms"] = (time.perf_counter() - t1) * 1000
-        if stored:
-            with session_scope(url) as session:
-                repo.get_study(session, study_id=c.study_id).timings = timings
-        outcome[c.study_id] = "scored" if stored else "skipped"
-    return outcome
+    A file that cannot be decoded fails alone, with its reason, and goes to quarantine; a film the DICOM guard
+    refuses (ingest already refuses those; this is the backstop) stays archived, listed as refused.
+    """
+    t0 = time.perf_counter()
+    try:
+        # A stored file over max_file_bytes is refused unread (ImageRejected → failed, quarantined).
+        image = load_grayscale(settings.data_dir / c.stored_path, max_pixels=settings.max_image_pixels,
+                               max_bytes=settings.max_file_bytes)
+        return image, (time.perf_counter() - t0) * 1000, None
+    except FilmRefused as exc:
+        with session_scope(settings.database_url) as session:
+            repo.mark_refused(session, study_id=c.study_id, token=c.token, reason=str(exc))
+        log.info("study %s refused: %s", c.study_id, exc)
+        return None, 0.0, "refused"
+    except (ImageRejected, FileNotFoundError) as exc:
+        reason = str(exc) if isinstance(exc, ImageRejected) else "stored file is missing from the archive"
+        with session_scope(settings.database_url) as session:
+            repo.mark_failed(session, study_id=c.study_id, token=c.token, reason=reason,
+                             stored_path=quarantine(settings, c.stored_path))
+        log.info("study %s failed: %s", c.study_id, reason)
+        return None, 0.0, "failed"
+
+
+def _persist(c: Claimed, img, res, decode_ms: float, *, bundle: Bundle, settings: Settings,
+             calibration: tuple) -> str:
+    """Stores one result with one write, only if our claim still holds: heat-map first (idempotent overwrite),
+    then the row. A film the OOD guard refuses is listed as refused with the reason (kept in the archive, never
+    ranked or flagged), unless an admin chose "score anyway" for it."""
+    if res.refusal is not None:
+        with session_scope(settings.database_url) as session:
+            refused = repo.mark_refused(session, study_id=c.study_id, token=c.token, reason=res.refusal)
+        log.info("study %s refused by the OOD guard: %s", c.study_id, res.refusal)
+        return "refused" if refused else "skipped"
+    if c.override_by is not None:
+        log.info("study %s scored despite the OOD guard: override by %s", c.study_id, c.override_by)
+    t0 = time.perf_counter()
+    heat_rel = f"heatmaps/{c.study_id}.png"
+    atomic_write(settings.data_dir / heat_rel, heatmap_png(res.cam, img.size))
+    timings = {**res.timings, "decode_ms": decode_ms, "heatmap_ms": (time.perf_counter() - t0) * 1000}
+    _, threshold, cal_version = calibration
+    with session_scope(settings.database_url) as session:
+        stored = repo.save_score(session, study_id=c.study_id, token=c.token, logit=res.logit,
+                                 model_version=bundle.version, score=res.score, threshold=threshold,
+                                 calibration_version=cal_version, width=img.size[0], height=img.size[1],
+                                 heatmap_path=heat_rel, timings=timings)
+    return "scored" if stored else "skipped"

@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 CPU_MODES = ("fp32", "bf16")
 CUDA_MODES = ("fp32", "tf32", "fp16")
 PROBE_BATCH = {"cpu": 2, "cuda": 32}
+# Batch sizes tried for bursts: a CPU saturates at a few images, a GPU wants hundreds.
+BATCH_CANDIDATES = {"cpu": (4, 8, 16), "cuda": (32, 64, 128, 256)}
 _PROBE_CACHE: dict[tuple, "Choice"] = {}
+_BATCH_CACHE: dict[tuple, int] = {}
 
 
 class PrecisionError(ValueError):
@@ -97,9 +100,10 @@ def run_with_embedding(net: nn.Module, x: torch.Tensor, device: torch.device,
     return logits.float().cpu(), cams.float().cpu(), emb.float().cpu()
 
 
-def _time_mode(net: nn.Module, device: torch.device, mode: str, size: int, repeats: int) -> float:
+def _time_mode(net: nn.Module, device: torch.device, mode: str, size: int, repeats: int,
+               batch: int | None = None) -> float:
     """Returns images/s of forward+CAM in one mode, after one warm-up pass (oneDNN/cuDNN set-up)."""
-    batch = PROBE_BATCH[device.type]
+    batch = batch or PROBE_BATCH[device.type]
     x = torch.randn(batch, 3, size, size)
     prepare(net, device, mode)
     run(net, x, device, mode)
@@ -144,3 +148,18 @@ def choose(net: nn.Module, device: torch.device, *, bf16_allowed: bool, forced: 
     choice = _PROBE_CACHE[key]
     prepare(net, device, choice.mode)
     return choice
+
+
+def best_batch(net: nn.Module, device: torch.device, mode: str, *, size: int = 224, repeats: int = 2,
+               within: float = 0.05) -> int:
+    """Returns the batch size for bursts: the smallest candidate within `within` of the best measured images/s
+    (a larger batch that is no faster only adds latency). Kept for the life of the process, like the mode."""
+    key = (device.type, size, mode)
+    if key not in _BATCH_CACHE:
+        ips = {b: _time_mode(net, device, mode, size, repeats, batch=b) for b in BATCH_CANDIDATES[device.type]}
+        top = max(ips.values())
+        _BATCH_CACHE[key] = min(b for b, v in ips.items() if v >= (1 - within) * top)
+        log.info("burst batch size %d on %s %s (%s img/s)", _BATCH_CACHE[key], device.type, mode,
+                 ", ".join(f"{b}: {v:.1f}" for b, v in ips.items()))
+    prepare(net, device, mode)
+    return _BATCH_CACHE[key]

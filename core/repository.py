@@ -124,6 +124,31 @@ def claim_study(session: Session, *, study_id: int, worker: str, max_claims: int
     return token if result.rowcount == 1 else None
 
 
+def claim_companions(session: Session, *, worker: str, limit: int, exclude: list[int]) -> list[tuple[int, str]]:
+    """Claims up to `limit` more queued studies, oldest first, to score in the same forward pass as a
+    delivered one (a burst fills a batch instead of waiting for one task per study); returns (id, token) pairs.
+
+    Only fresh studies are taken (never claimed before: a film that may have killed a worker is scored on its
+    own). Each is taken by a conditional UPDATE on status 'queued', so two workers never win the same study;
+    on Postgres the candidates are read FOR UPDATE SKIP LOCKED so concurrent workers pick disjoint ones.
+    Their own messages arrive later and find them finished (or held by a live worker) and skip.
+    """
+    if limit <= 0:
+        return []
+    candidates = session.scalars(
+        select(Study.id).where(Study.status == Status.QUEUED, Study.claim_count == 0, Study.id.not_in(exclude))
+        .order_by(Study.id).limit(limit).with_for_update(skip_locked=True)).all()
+    taken = []
+    for sid in candidates:
+        token = str(uuid.uuid4())
+        won = session.execute(update(Study).where(Study.id == sid, Study.status == Status.QUEUED).values(
+            status=Status.PROCESSING, claim_token=token, started_at=utcnow(), worker=worker,
+            claim_count=Study.claim_count + 1)).rowcount == 1
+        if won:
+            taken.append((sid, token))
+    return taken
+
+
 def release_claims(session: Session, *, study_ids: list[int], worker: str) -> int:
     """Gives back the claims `worker` holds on these studies after an orderly failure (an exception, not a
     death): they are queued again and the claim is not counted, so a retried task is not taken for a poison

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     # A claim older than this is re-sent by the stale sweep even though its worker still beats (a hung task).
     claim_timeout_seconds: int = 1800
     worker_concurrency: int = 1
-    score_batch_size: int = 8
+    # Studies scored in one forward pass when a burst is queued; 0 = the best batch measured on this device.
+    score_batch_size: int = 0
     # Inference precision: "auto" times each mode this device and bundle allow and keeps the fastest
     # (core.precision); "fp32", "bf16" (CPU, only if the bundle's check allows), "tf32" or "fp16" (CUDA) force one.
     precision: str = "auto"

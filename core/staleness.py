@@ -8,6 +8,8 @@ keep a study scored once), only wasteful.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
@@ -66,3 +68,38 @@ def stale_study_ids(session: Session, *, now: dt.datetime, requeue_after_seconds
         return stalled or overtaken
 
     return [row.id for row in pending if stale(row)]
+
+
+def holder_is_alive(session: Session, *, study_id: int, me: str, now: dt.datetime, worker_alive_seconds: float,
+                    claim_timeout_seconds: float) -> str | None:
+    """Returns the name of the live worker holding a study's claim, or None when it may be claimed now.
+
+    A second delivery of a study a live worker is scoring (a batch companion's own message, a duplicate send)
+    must not take the claim over: the holder would lose its result and the study be scored twice. A holder is
+    dead when its heartbeat is older than `worker_alive_seconds`, when it is a process of this machine that no
+    longer exists (a pool child that crashed: its task comes straight back, before the heartbeat ages), or
+    when its claim is older than `claim_timeout_seconds` (hung).
+    """
+    row = session.execute(
+        select(Study.status, Study.worker, Study.started_at, WorkerHeartbeat.last_seen)
+        .outerjoin(WorkerHeartbeat, WorkerHeartbeat.name == Study.worker).where(Study.id == study_id)).first()
+    if row is None or row.status != Status.PROCESSING or not row.worker or row.worker == me:
+        return None
+    if row.started_at is None or row.started_at < now - dt.timedelta(seconds=claim_timeout_seconds):
+        return None
+    if row.last_seen is None or row.last_seen < now - dt.timedelta(seconds=worker_alive_seconds):
+        return None
+    host, _, pid = row.worker.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _process_exists(int(pid)):
+        return None
+    return row.worker
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -12,6 +12,7 @@ from celery.signals import worker_process_init, worker_ready
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from core import calibrations
+from core import precision
 from core import repository as repo
 from core.bundle import META_FILE, Bundle, load_bundle
 from core.db import get_engine, session_scope
@@ -31,10 +32,11 @@ def worker_name() -> str:
 
 
 class _Model:
-    """The bundle of this worker process, loaded lazily after fork, and its heartbeat thread."""
+    """The bundle of this worker process, loaded lazily after fork, its burst batch size and its heartbeat."""
 
     def __init__(self):
         self.bundle: Bundle | None = None
+        self.batch_size = 1
         self.lock = threading.Lock()
         self.last_error: str | None = None
         self.heartbeat: threading.Thread | None = None
@@ -43,23 +45,36 @@ class _Model:
         """Returns the loaded bundle, loading it now if needed; None (logged once per cause) if it cannot."""
         with self.lock:
             if self.bundle is None:
-                try:
-                    bundle = load_bundle(settings.model_dir, mode=settings.precision)
-                except Exception as exc:
-                    message = (f"no usable model bundle at {settings.model_dir} ({exc}); studies stay queued "
-                               "and are re-enqueued once a bundle exists (set CHESTAID_MODEL_DIR)")
-                    if message != self.last_error:
-                        log.error(message)
-                    self.last_error = message
+                bundle = self._load(settings)
+                if bundle is None:
                     return None
                 _register_calibration(settings, bundle)
                 self.bundle, self.last_error = bundle, None
-                log.info("loaded model %s (calibration %s) on %s in process %s", bundle.version,
-                         bundle.calibration_version, device_label(bundle), os.getpid())
-                self.heartbeat = threading.Thread(target=_heartbeat_loop, args=(settings, bundle),
-                                                  name="heartbeat", daemon=True)
-                self.heartbeat.start()
+                self._start_heartbeat(settings, bundle)
             return self.bundle
+
+    def _load(self, settings: Settings) -> Bundle | None:
+        """Loads the bundle in the configured (or measured) precision and sizes bursts for this device."""
+        try:
+            bundle = load_bundle(settings.model_dir, mode=settings.precision)
+            self.batch_size = settings.score_batch_size or precision.best_batch(
+                bundle.net, bundle.device, bundle.mode, size=bundle.input_size)
+        except Exception as exc:
+            message = (f"no usable model bundle at {settings.model_dir} ({exc}); studies stay queued "
+                       "and are re-enqueued once a bundle exists (set CHESTAID_MODEL_DIR)")
+            if message != self.last_error:
+                log.error(message)
+            self.last_error = message
+            return None
+        log.info("loaded model %s (calibration %s) on %s, bursts in batches of %d, in process %s", bundle.version,
+                 bundle.calibration_version, device_label(bundle), self.batch_size, os.getpid())
+        return bundle
+
+    def _start_heartbeat(self, settings: Settings, bundle: Bundle) -> None:
+        """Starts the thread that tells the ingester's sweep and the status strip this process is alive."""
+        self.heartbeat = threading.Thread(target=_heartbeat_loop, args=(settings, bundle),
+                                          name="heartbeat", daemon=True)
+        self.heartbeat.start()
 
 
 MODEL = _Model()
@@ -135,7 +150,8 @@ def run_scoring(study_ids: list[int], *, settings: Settings | None = None) -> di
         return {sid: "waiting-for-model" for sid in study_ids}
     if settings.debug_task_delay_seconds > 0:
         bundle = _SlowBundle(bundle, settings.debug_task_delay_seconds)
-    return process_studies(list(study_ids), bundle=bundle, settings=settings, worker=worker_name())
+    return process_studies(list(study_ids), bundle=bundle, settings=settings, worker=worker_name(),
+                           batch_size=MODEL.batch_size)
 
 
 def _one_at_a_time(study_ids: list[int], *, settings: Settings) -> list[int] | None:

@@ -423,34 +423,49 @@ def test_api_lists_studies_in_worklist_order(client, site):
 # --- health -------------------------------------------------------------------------------------------------------
 
 
-def test_healthz_needs_a_live_worker_with_a_model(client, site):
-    r = client.get("/healthz")
+def test_healthz_needs_a_live_worker_with_a_model(client, admin_client, site):
+    # Public (and non-admin) callers get the status alone; signed-in admins get the parts and the workers.
+    anonymous = TestClient(create_app(site.settings))
+    for c in (anonymous, client):
+        r = c.get("/healthz")
+        assert (r.status_code, r.json()) == (503, {"status": "unavailable"})
+    r = admin_client.get("/healthz")
     assert r.status_code == 503
     assert r.json() == {"status": "unavailable", "db": "ok", "broker": "ok", "workers": 0, "model_loaded": False,
-                        "model_versions": []}
+                        "model_versions": [], "worker_devices": []}
     with session_scope(site.settings.database_url) as s:
         repo.heartbeat(s, name="starting", model_version=None, device=None)  # alive, model not loaded yet
-    r = client.get("/healthz")
+    r = admin_client.get("/healthz")
     assert r.status_code == 503 and r.json()["workers"] == 1 and r.json()["model_loaded"] is False
     with session_scope(site.settings.database_url) as s:
-        repo.heartbeat(s, name="w1", model_version="m-1", device="cpu")
-    r = client.get("/healthz")
+        repo.heartbeat(s, name="w1", model_version="m-1", device="cuda:0 bf16 412 img/s")
+    for c in (anonymous, client):
+        r = c.get("/healthz")
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        assert "m-1" not in r.text and "w1" not in r.text
+    r = admin_client.get("/healthz")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "db": "ok", "broker": "ok", "workers": 2, "model_loaded": True,
-                        "model_versions": ["m-1"]}
+                        "model_versions": ["m-1"], "worker_devices": [
+                            {"name": "starting", "model_version": None, "device": None},
+                            {"name": "w1", "model_version": "m-1", "device": "cuda:0 bf16 412 img/s"}]}
+    anonymous.close()
 
 
 def test_healthz_reports_an_unreachable_broker(site, tmp_path):
     with session_scope(site.settings.database_url) as s:
         repo.heartbeat(s, name="w1", model_version="m-1", device="cpu")
+    add_user(site.settings, "ops", "admin")
     for broker in ("redis://127.0.0.1:1/0", f"sqla+sqlite:///{tmp_path}/no/such/dir/broker.db"):
         settings = Settings(data_dir=site.settings.data_dir, inbox=site.settings.inbox, broker_url=broker)
         with TestClient(create_app(settings)) as c:
+            assert c.get("/healthz").json() == {"status": "unavailable"}
+            sign_in(c, "ops")
             r = c.get("/healthz")
         assert r.status_code == 503
         body = r.json()
         assert (body["db"], body["model_loaded"], body["status"]) == ("ok", True, "unavailable")
-        assert body["broker"] == "unavailable"  # public: the reason goes to the server log only
+        assert body["broker"] == "unavailable"  # the reason goes to the server log only
 
 
 def test_unmigrated_database_gets_a_clear_503(tmp_path):
@@ -476,7 +491,7 @@ def test_healthz_reports_an_unreachable_database(tmp_path):
                         database_url=f"sqlite:///{tmp_path}/missing/dir/db.sqlite")
     with TestClient(create_app(settings)) as c:
         r = c.get("/healthz")
-    assert r.status_code == 503 and r.json()["db"] != "ok" and r.json()["workers"] == 0
+    assert r.status_code == 503 and r.json() == {"status": "unavailable"}
 
 
 # --- safety ---------------------------------------------------------------------------------------------------------

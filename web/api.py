@@ -13,7 +13,7 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from core import audit, findings
+from core import audit, auth, findings
 from core import repository as repo
 from core import worklist as wl
 from core.feedback import feedback_csv
@@ -21,7 +21,7 @@ from core.cursor import BadCursor, decode, start_of
 from core.models import Status, utcnow
 from core.pseudonym import load_salt
 from web import health as health_checks
-from web.access import ADMIN, DOCTOR_POST, NURSE, PUBLIC, Admin, Doctor
+from web.access import ADMIN, DOCTOR_POST, NURSE, PUBLIC, Admin, Doctor, current_user
 from web.deps import SessionDep, SettingsDep, StudyDep, client_host
 from web.schemas import FeedbackIn, HealthOut, StudyOut
 
@@ -150,9 +150,16 @@ def openapi_schema(request: Request) -> JSONResponse:
 
 @router.get("/healthz", response_model=HealthOut, tags=["health"], dependencies=PUBLIC,
             responses={503: {"model": HealthOut, "description": "a part is down or no worker has loaded a model"}})
-def healthz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
+def healthz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Ready only when the DB and broker answer and a live worker has loaded the model (public: for load
-    balancers; it names no error, the server log does)."""
-    result = HealthOut(**health_checks.health(session, settings))
-    return JSONResponse(result.model_dump(), status_code=200 if result.status == "ok" else 503,
+    balancers, status only; it names no error, the server log does). Signed-in admins also get each part,
+    worker counts, model versions and each worker's reported device (precision, images/s)."""
+    try:
+        user = current_user(request, session)
+    except Exception:  # no database (or a rejected session) means no details, never a failed health answer
+        session.rollback()
+        user = None
+    admin = user is not None and auth.role_allows(user.role, "admin")
+    result = HealthOut(**health_checks.health(session, settings, details=admin))
+    return JSONResponse(result.model_dump(exclude_none=True), status_code=200 if result.status == "ok" else 503,
                         headers={"Cache-Control": "no-store"})

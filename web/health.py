@@ -60,13 +60,23 @@ def _public(part: str, result: str) -> str:
     return "unavailable"
 
 
-def health(session: Session, settings: Settings) -> dict:
-    """Collects the checks; "ok" only with a reachable DB and broker and a live worker that loaded a model."""
+def health(session: Session, settings: Settings, *, details: bool = False) -> dict:
+    """Collects the checks; "ok" only with a reachable DB and broker and a live worker that loaded a model.
+
+    The public answer is the status alone (load balancers need no more, and worker names, counts and model
+    versions tell an outsider what runs here); `details` (signed-in admins) adds each part, the live workers
+    and what each reports as its device (precision mode and measured images/s)."""
     db = check_db(session)
     workers = repo.live_workers(session, within_seconds=settings.worker_alive_seconds) if db == "ok" else []
     versions = sorted({w.model_version for w in workers if w.model_version})
     broker = check_broker(settings.broker_url)
     ok = db == "ok" and broker == "ok" and bool(versions)
-    return {"status": "ok" if ok else "unavailable", "db": _public("database", db),
-            "broker": _public("broker", broker), "workers": len(workers), "model_loaded": bool(versions),
-            "model_versions": versions}
+    result = {"status": "ok" if ok else "unavailable"}
+    if not details:
+        for part, value in (("database", db), ("broker", broker)):
+            _public(part, value)  # the reason still goes to the server log
+        return result
+    return {**result, "db": _public("database", db), "broker": _public("broker", broker), "workers": len(workers),
+            "model_loaded": bool(versions), "model_versions": versions,
+            "worker_devices": [{"name": w.name, "model_version": w.model_version, "device": w.device}
+                               for w in sorted(workers, key=lambda w: w.name)]}

@@ -114,8 +114,10 @@ class HealthOut(BaseModel):
     """Readiness of the service: every part must be ok for status "ok"."""
 
     status: Literal["ok", "unavailable"]
-    db: Literal["ok", "unavailable"]
-    broker: Literal["ok", "unavailable"]
-    workers: int
-    model_loaded: bool
-    model_versions: list[str]
+    # The parts below are sent to signed-in admins only; the public answer is the status alone.
+    db: Literal["ok", "unavailable"] | None = None
+    broker: Literal["ok", "unavailable"] | None = None
+    workers: int | None = None
+    model_loaded: bool | None = None
+    model_versions: list[str] | None = None
+    worker_devices: list[dict] | None = None

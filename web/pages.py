@@ -55,9 +55,12 @@ def worklist_context(session, settings, view: str, *, paged: str | None = None, 
 
 @router.get("/", dependencies=NURSE)
 def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, view: View = "unread",
-                  section: str | None = None, cursor: Annotated[str | None, Query(max_length=1000)] = None):
-    """Shows the worklist (default) or the read studies, one page per section ("Next" pages on)."""
+                  section: str | None = None, cursor: Annotated[str | None, Query(max_length=1000)] = None,
+                  after: Annotated[int | None, Query(ge=1)] = None):
+    """Shows the worklist (default) or the read studies, one page per section ("Next" pages on). `after` names
+    the study a finding was just recorded on when no unread study was left to go on to."""
     context = worklist_context(session, settings, view, paged=section, cursor=cursor)
+    context["after"] = after
     context["monitor_alerts"] = admin_alerts(request, session, settings)  # the admins' banner (issue 10)
     return templates.TemplateResponse(request, "worklist.html", context)
 
@@ -94,21 +97,31 @@ def study_context(session, settings, study, **extra) -> dict:
             "scored_images": [i for i in images if i.status == Status.SCORED],
             "study_risk": max((i.score for i in images if i.status == Status.SCORED), default=None),
             "refresh_seconds": settings.refresh_seconds, "max_wait_minutes": settings.max_wait_minutes,
-            "findings": FINDINGS, "form": {"finding": None, "comment": ""}, "error": None,
+            "findings": FINDINGS, "form": {"finding": None, "comment": ""}, "error": None, "after": None,
             **extra}
 
 
 @router.get("/studies/{study_id:int}", dependencies=NURSE)
 def study_page(request: Request, study: StudyDep, session: SessionDep, settings: SettingsDep,
-               saved: Annotated[bool, Query()] = False):
-    """Shows one study: film, heat-map overlay, score, threshold, decision, what-if and feedback."""
-    return templates.TemplateResponse(request, "study.html", study_context(session, settings, study, saved=saved))
+               saved: Annotated[bool, Query()] = False, after: Annotated[int | None, Query(ge=1)] = None):
+    """Shows one study: film, heat-map overlay, score, threshold, decision, what-if and feedback. `after` names
+    the study whose finding was just recorded before moving on to this one."""
+    return templates.TemplateResponse(request, "study.html",
+                                      study_context(session, settings, study, saved=saved, after=after))
+
+
+def next_unread(session, settings) -> int | None:
+    """Returns the study id to read next: the lead image of the first unread row in triage order."""
+    first = wl.unread(session, max_wait_minutes=settings.max_wait_minutes, limit=1)
+    return first[0].study.id if first else None
 
 
 @router.post("/studies/{study_id:int}/feedback", dependencies=DOCTOR_POST)
 def study_feedback_form(request: Request, user: Doctor, study: StudyDep, session: SessionDep, settings: SettingsDep,
-                        finding: Annotated[str | None, Form()] = None, comment: Annotated[str, Form()] = ""):
-    """Records the signed-in doctor's finding from the study page's form, then redirects back to it
+                        finding: Annotated[str | None, Form()] = None, comment: Annotated[str, Form()] = "",
+                        then: Annotated[Literal["stay", "next"], Form()] = "stay"):
+    """Records the signed-in doctor's finding from the study page's form, then redirects back to it, or with
+    `then=next` to the next unread study in triage order (the worklist when none is left)
     (POST → redirect → GET)."""
     form = {"finding": finding, "comment": comment}
     error, status = None, 200
@@ -123,6 +136,10 @@ def study_feedback_form(request: Request, user: Doctor, study: StudyDep, session
         return templates.TemplateResponse(request, "study.html", context, status_code=status)
     record_finding(session, request, user, study, finding=finding, comment=comment)
     session.commit()
+    if then == "next":
+        following = next_unread(session, settings)
+        url = f"/studies/{following}?after={study.id}" if following is not None else f"/?after={study.id}"
+        return RedirectResponse(url, status_code=303)
     return RedirectResponse(f"/studies/{study.id}?saved=1#feedback", status_code=303)
 
 

@@ -36,6 +36,29 @@
     }
   });
 
+  // "?" shows the keyboard shortcuts: a <dialog> every signed-in page carries (Esc or its button closes it).
+  function typing(target) {
+    // Letters typed into a text field are text; on a checkbox, radio, button or slider they are shortcuts.
+    if (!target) { return false; }
+    if (target.tagName === "INPUT") { return !/^(checkbox|radio|button|submit|reset|range)$/.test(target.type); }
+    return target.isContentEditable || /^(TEXTAREA|SELECT)$/.test(target.tagName);
+  }
+  function showShortcuts() {
+    var dialog = document.getElementById("shortcuts");
+    if (dialog && !dialog.open) { dialog.showModal(); }
+  }
+  document.addEventListener("keydown", function (event) {
+    if (event.key === "?" && !event.ctrlKey && !event.metaKey && !event.altKey && !typing(event.target)) {
+      showShortcuts();
+      event.preventDefault();
+    }
+  });
+  document.addEventListener("click", function (event) {
+    var target = event.target.closest ? event.target : null;
+    if (target && target.closest("#shortcuts-open")) { showShortcuts(); }
+    if (target && target.closest("#shortcuts-close")) { document.getElementById("shortcuts").close(); }
+  });
+
   document.addEventListener("htmx:sendError", function () { setStale(true); });
   document.addEventListener("htmx:responseError", function () { setStale(true); });
   document.addEventListener("htmx:afterRequest", function (event) {

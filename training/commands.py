@@ -182,8 +182,9 @@ def _evaluate_shift(bundle, data, out, limit, seed, record):
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(markdown_table(r))
-    click.echo(f"shift suite on {r['n']} films: mean ROC-AUC {r['mean_roc_auc']:.4f}, worst {r['worst']['roc_auc']:.4f} "
-               f"({r['worst']['perturbation']}), clean {r['clean_roc_auc']:.4f}; report in {out}")
+    click.echo(f"shift suite on {r['n']} films: mean ROC-AUC {r['mean_roc_auc']:.4f}, "
+               f"worst {r['worst']['roc_auc']:.4f} ({r['worst']['perturbation']}), "
+               f"clean {r['clean_roc_auc']:.4f}; report in {out}")
 
 
 @click.command()

@@ -151,7 +151,8 @@ def evaluate_shift(bundle: Bundle, data_root: Path, out_dir: Path, *, limit: int
               "n_unreadable": len(errors), "unreadable": errors, **summary}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "shift.json").write_text(json.dumps(result, indent=2) + "\n")
-    described = "\n".join(f"- `{k}` ({r['family']}): {r['description']}" for k, r in summary["per_perturbation"].items())
+    described = "\n".join(f"- `{k}` ({r['family']}): {r['description']}"
+                          for k, r in summary["per_perturbation"].items())
     (out_dir / "shift.md").write_text(f"""# Shift suite — {bundle.version}
 
 {result['n']} validation films ({result['n_pneumonia']} pneumonia, {result['n_normal']} normal) from the bundle's

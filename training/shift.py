@@ -272,9 +272,9 @@ def markdown_table(summary: dict) -> str:
     for name, r in summary["per_perturbation"].items():
         lines.append(f"| {name} | {r['family']} | {'yes' if r['held_out'] else 'no'} | {r['roc_auc']:.4f} "
                      f"| {r['delta_vs_clean']:+.4f} |")
-    w = summary["worst"]
-    lines += [f"| **mean** | | | **{summary['mean_roc_auc']:.4f}** | {summary['mean_roc_auc'] - summary['clean_roc_auc']:+.4f} |",
-              f"| **worst** ({w['perturbation']}) | | | **{w['roc_auc']:.4f}** | {w['roc_auc'] - summary['clean_roc_auc']:+.4f} |"]
+    w, clean = summary["worst"], summary["clean_roc_auc"]
+    lines += [f"| **mean** | | | **{summary['mean_roc_auc']:.4f}** | {summary['mean_roc_auc'] - clean:+.4f} |",
+              f"| **worst** ({w['perturbation']}) | | | **{w['roc_auc']:.4f}** | {w['roc_auc'] - clean:+.4f} |"]
     if summary["mean_held_out"] is not None:
         lines.append(f"| mean, held-out families | | yes | {summary['mean_held_out']:.4f} | |")
     if summary["mean_in_training_augmentation"] is not None:

@@ -155,6 +155,7 @@ def test_training_batches_are_the_service_preprocessing():
 
 def test_augmentation_pieces_are_seeded_bounded_and_switchable():
     assert augment.parse("robust") == augment.ROBUST and augment.parse("none") == ()
+    assert not set(augment.ROBUST) & set(shift.HELD_OUT_FAMILIES)  # held-out shifts stay unseen in training
     assert augment.parse("crop, noise") == ("crop", "noise") and augment.build((), 224) is None
     with pytest.raises(ValueError, match="unknown augmentation 'jpeg'"):
         augment.parse("crop,jpeg")

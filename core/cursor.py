@@ -19,7 +19,10 @@ KEY_TYPES: dict[tuple[str, int | None], tuple[str, ...]] = {
     ("unread", 0): (_F, _D, _I), ("unread", 1): (_D, _F, _I), ("unread", 2): (_F, _D, _I),
     ("read", None): (_D, _I), ("in_progress", None): (_D, _I), ("refused", None): (_D, _I),
     ("failed", None): (_D, _I), ("duplicates", None): (_D, _I), ("search", None): (_I,),
+    # Filtered listings (core.worklist_filter), one per sort; they keep the overdue cut-off like "unread".
+    ("filter-risk", None): (_F, _I), ("filter-oldest", None): (_D, _I), ("filter-newest", None): (_D, _I),
 }
+_KEEPS_CUTOFF = ("unread", "filter-risk", "filter-oldest", "filter-newest")
 
 
 class BadCursor(ValueError):
@@ -77,7 +80,7 @@ def decode(text: str, *, section: str | None = None) -> Cursor:
                 key.append(value)
             else:
                 raise ValueError("wrong type")
-        cutoff = _datetime(data["c"]) if name == "unread" and raw else None
+        cutoff = _datetime(data["c"]) if name in _KEEPS_CUTOFF and raw else None
     except (KeyError, TypeError, ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise BadCursor(f"invalid page cursor ({exc.__class__.__name__}); start again from the first page") from None
     if section is not None and name != section:

@@ -158,6 +158,9 @@ class WorklistRow(Base):
         Index("ix_worklist_rows_flag_wait", "section", "flagged", "received_at", "neg_score", "first_id"),
         Index("ix_worklist_rows_arrival", "section", "received_at"),
         Index("ix_worklist_rows_read", "section", "feedback_at", "first_id"),
+        # The filtered listings' sorts (core.worklist_filter): by risk, and by arrival either way.
+        Index("ix_worklist_rows_risk", "section", "neg_score", "first_id"),
+        Index("ix_worklist_rows_arrival_id", "section", "received_at", "first_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -200,6 +203,22 @@ class User(Base):
     password_changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Bumped on logout: session cookies carry the generation they were issued in and die with it.
     session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class ReadingClaim(Base):
+    """A soft "being read by" mark: who has a study open, since when, last seen when (core.reading).
+
+    It never blocks anyone; it expires when its page stops sending that it is still open."""
+
+    __tablename__ = "reading_claims"
+    __table_args__ = (UniqueConstraint("study_id", "user_id", name="uq_reading_claims_study_user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(Integer, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    user_name: Mapped[str] = mapped_column(String(255))
+    opened_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
 class ApiToken(Base):

@@ -12,6 +12,7 @@ import pytest
 from core import repository as repo
 from core.db import session_scope
 from core.models import utcnow
+from tests.dicom_samples import ACCESSION
 from tests.test_browser import browser, new_page, server, sign_in  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.browser
@@ -180,4 +181,26 @@ def test_viewer_fits_zooms_pans_and_windows_the_film(server, browser):  # noqa: 
     with session_scope(site.settings.database_url) as s:
         study = repo.get_study(s, study_id=site.flagged)
         assert natural == [study.width, study.height]
+    assert problems == []
+
+
+def test_search_by_accession_and_back_to_triage_order(server, browser):  # noqa: F811
+    site, base, dicom_id = server
+    problems: list[str] = []
+    page = new_page(browser, problems)
+    sign_in(page, base, "nurse.nina")
+    page.keyboard.press("/")
+    assert page.evaluate("document.activeElement.id") == "search-q"
+    page.keyboard.type(ACCESSION)
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{base}/?view=unread&q={ACCESSION}")
+    assert page.locator("#body-search tr").evaluate_all("rows => rows.map(r => r.dataset.studyId)") == [str(dicom_id)]
+    assert "not the triage order" in page.locator("#listing-note").inner_text()
+    # A filter and a sort, then the clear way back.
+    page.goto(base + "/?sort=oldest&flagged=1")
+    assert page.locator("#body-unread tr").evaluate_all("rows => rows.map(r => r.dataset.studyId)") == [
+        str(site.flagged)]
+    page.click("#back-to-triage")
+    page.wait_for_url(base + "/")
+    assert page.locator("#body-failed").count() == 1 and page.locator("#listing-note").count() == 0
     assert problems == []

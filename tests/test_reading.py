@@ -2,8 +2,11 @@
 filters and sorts of the worklist, the threshold preview and confirmations (real app, real DB, real films)."""
 from __future__ import annotations
 
+import datetime as dt
+
 from core import repository as repo
 from core.db import session_scope
+from core.worklist_filter import SORTS, Filters, filtered
 from tests.test_web import (admin_client, client, csrf_token, post_form, row_ids, site,  # noqa: F401 (fixtures)
                             site_template)
 
@@ -30,3 +33,55 @@ def test_record_and_next_goes_to_the_first_unread_study_in_triage_order(client, 
         assert {repo.get_study(s, study_id=i).finding for i in order[1:]} == {"normal"}
     bad = post_form(client, f"/studies/{site.flagged}/feedback", {"finding": "normal", "then": "elsewhere"})
     assert bad.status_code == 422
+
+
+def test_search_filters_and_sorts_are_server_side_and_keep_the_triage_order_reachable(client, site):  # noqa: F811
+    triage = row_ids(client.get("/").text, "unread")
+    with session_scope(site.settings.database_url) as s:
+        studies = {i: repo.get_study(s, study_id=i) for i in triage}
+    by_risk = sorted(triage, key=lambda i: (-studies[i].score, i))
+    by_arrival = sorted(triage, key=lambda i: (studies[i].received_at, i))
+    assert triage != by_risk  # the overdue study is lifted above the routine ones in triage order
+
+    # Search by exact file name (and study number); a listing always offers the way back to triage order.
+    page = client.get("/", params={"q": studies[site.flagged].source_name})
+    assert site.flagged in row_ids(page.text, "search") and 'id="back-to-triage"' in page.text
+    assert row_ids(client.get("/", params={"q": f"#{site.overdue}"}).text, "search") == [site.overdue]
+    assert 'id="back-to-triage"' not in client.get("/").text
+
+    def listed(**params) -> list[int]:
+        r = client.get("/", params=params)
+        assert r.status_code == 200, r.text
+        return row_ids(r.text, "read" if params.get("finding") == "recorded" else "unread")
+
+    assert listed(flagged="1") == [site.flagged]
+    assert listed(overdue="1") == [site.overdue]
+    assert listed(sort="risk") == by_risk
+    assert listed(sort="oldest") == by_arrival
+    assert listed(sort="newest") == by_arrival[::-1]
+    assert listed(modality="DX") == []  # no DICOM films here
+    tomorrow = (dt.date.today() + dt.timedelta(days=2)).isoformat()
+    assert listed(**{"from": tomorrow}) == [] and listed(to=tomorrow) == by_risk
+    for bad in ({"modality": "XX"}, {"sort": "name"}, {"from": "2026-13-01"}, {"from": tomorrow, "to": "2000-01-01"}):
+        assert client.get("/", params=bad).status_code == 422
+    # The poll of a filtered page sends the filtered list, not the triage sections.
+    fragment = client.get("/fragments/worklist", params={"flagged": "1"}, headers={"HX-Request": "true"})
+    assert row_ids(fragment.text, "unread") == [site.flagged] and "body-failed" not in fragment.text
+    post_form(client, f"/studies/{site.flagged}/feedback", {"finding": "pneumonia"})
+    assert listed(finding="recorded") == [site.flagged]
+    assert site.flagged not in listed(sort="risk")
+
+
+def test_filtered_listing_pages_with_cursors(site):  # noqa: F811
+    with session_scope(site.settings.database_url) as s:
+        for sort in SORTS:
+            whole = filtered(s, filters=Filters(sort=sort), max_wait_minutes=60, limit=100)
+            seen, cursor = [], None
+            while True:
+                page = filtered(s, filters=Filters(sort=sort), max_wait_minutes=60, limit=1, cursor=cursor)
+                assert page.total == whole.total and page.offset == len(seen)
+                seen += [e.study.id for e in page.entries]
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+            assert seen == [e.study.id for e in whole.entries] and len(seen) == whole.total >= 3

@@ -4,12 +4,14 @@ Nurses and doctors see everything here; only doctors (and admins) record finding
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from core import repository as repo
@@ -17,6 +19,8 @@ from core import worklist as wl
 from core.cursor import BadCursor
 from core.models import Status, utcnow
 from core.repository import FINDINGS
+from core.worklist_entries import Section
+from core.worklist_filter import MODALITIES, SORTS, Filters, filtered
 from web.access import DOCTOR_POST, NURSE, Doctor
 from web.api import record_finding
 from web.deps import SessionDep, SettingsDep, StudyDep
@@ -33,33 +37,101 @@ IMAGE_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Option
 _CLOCK = re.compile(rb'<time datetime="[^"]*">[^<]*</time>')
 
 
-def worklist_context(session, settings, view: str, *, paged: str | None = None, cursor: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Listing:
+    """What the worklist page lists instead of the triage order: a search (`q`) or filters and a sort, with
+    the query-string parameters that reproduce it (for the poll and the "Next page" links)."""
+
+    q: str | None
+    filters: Filters | None
+    params: dict
+
+    @property
+    def active(self) -> bool:
+        return self.q is not None or self.filters is not None
+
+
+def _day(text: str, name: str) -> dt.date | None:
+    try:
+        return dt.date.fromisoformat(text) if text else None
+    except ValueError:
+        raise HTTPException(status_code=422, detail=f"{name}: {text!r} is not a date (YYYY-MM-DD)") from None
+
+
+def listing(view: View = "unread", q: Annotated[str, Query(max_length=128)] = "", flagged: bool = False,
+            overdue: bool = False, received_from: Annotated[str, Query(alias="from", max_length=10)] = "",
+            received_to: Annotated[str, Query(alias="to", max_length=10)] = "",
+            modality: Annotated[str, Query(max_length=8)] = "", finding: Annotated[str, Query(max_length=16)] = "",
+            sort: Annotated[str, Query(max_length=16)] = "triage") -> Listing:
+    """Reads the worklist's search, filter and sort fields (an empty field means "any")."""
+    if q.strip():
+        return Listing(q.strip(), None, {"q": q.strip()})
+    if finding not in ("", "none", "recorded") or sort not in ("triage", *SORTS):
+        raise HTTPException(status_code=422, detail="finding must be none or recorded; sort one of "
+                                                    f"triage, {', '.join(SORTS)}")
+    params = {k: v for k, v in (("flagged", "1" if flagged else ""), ("overdue", "1" if overdue else ""),
+                                 ("from", received_from), ("to", received_to), ("modality", modality),
+                                 ("finding", finding), ("sort", "" if sort == "triage" else sort)) if v}
+    if not params:
+        return Listing(None, None, {})  # the triage order
+    try:
+        filters = Filters(read=finding == "recorded" or (view == "read" and finding != "none"), flagged=flagged,
+                          overdue=overdue, received_from=_day(received_from, "from"),
+                          received_to=_day(received_to, "to"), modality=modality or None,
+                          sort="risk" if sort == "triage" else sort)
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    return Listing(None, filters, params)
+
+
+ListingDep = Annotated[Listing, Depends(listing)]
+
+
+def _listed(session, settings, found: Listing, cursor: str | None, now) -> Section:
+    if found.q is not None:
+        return wl.search(session, q=found.q, max_wait_minutes=settings.max_wait_minutes, limit=settings.page_size,
+                         cursor=cursor, now=now)
+    return filtered(session, filters=found.filters, max_wait_minutes=settings.max_wait_minutes,
+                    limit=settings.page_size, cursor=cursor, now=now)
+
+
+def worklist_context(session, settings, view: str, *, paged: str | None = None, cursor: str | None = None,
+                     found: Listing | None = None) -> dict:
     """Collects one page of each section of a view (the page `cursor` names for section `paged`, the first page
-    of the others) and the status strip, all as of one instant, counting everything once."""
-    if paged is not None and paged not in VIEW_SECTIONS[view]:
+    of the others) and the status strip, all as of one instant, counting everything once; with a search or
+    filters (`found`), one page of that listing instead of the sections."""
+    found = found or Listing(None, None, {})
+    if paged is not None and not found.active and paged not in VIEW_SECTIONS[view]:
         raise HTTPException(status_code=422, detail=f"section {paged!r} is not on the {view} view")
     now = utcnow()
     totals = wl.section_totals(session)
     try:
-        sections = [wl.section(session, name, max_wait_minutes=settings.max_wait_minutes, now=now,
-                               limit=settings.page_size, cursor=cursor if name == paged else None,
-                               total=totals[name]) for name in VIEW_SECTIONS[view]]
+        if found.active:
+            sections = [_listed(session, settings, found, cursor, now)]
+        else:
+            sections = [wl.section(session, name, max_wait_minutes=settings.max_wait_minutes, now=now,
+                                   limit=settings.page_size, cursor=cursor if name == paged else None,
+                                   total=totals[name]) for name in VIEW_SECTIONS[view]]
     except BadCursor as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
     strip = wl.status_strip(session, worker_alive_seconds=settings.worker_alive_seconds,
                             max_wait_minutes=settings.max_wait_minutes, now=now, totals=totals)
-    query = urlencode({"view": view, **({"section": paged, "cursor": cursor} if paged and cursor else {})})
+    base = {"view": view, **found.params}
+    query = urlencode({**base, **({"section": paged or sections[0].name, "cursor": cursor} if cursor else {})})
     return {"view": view, "sections": sections, "strip": strip, "refresh_seconds": settings.refresh_seconds,
-            "max_wait_minutes": settings.max_wait_minutes, "poll_query": query}
+            "max_wait_minutes": settings.max_wait_minutes, "poll_query": query, "listing": found,
+            "list_query": urlencode(base), "sorts": SORTS, "modalities": MODALITIES}
 
 
 @router.get("/", dependencies=NURSE)
-def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, view: View = "unread",
-                  section: str | None = None, cursor: Annotated[str | None, Query(max_length=1000)] = None,
+def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, found: ListingDep,
+                  view: View = "unread", section: str | None = None,
+                  cursor: Annotated[str | None, Query(max_length=1000)] = None,
                   after: Annotated[int | None, Query(ge=1)] = None):
-    """Shows the worklist (default) or the read studies, one page per section ("Next" pages on). `after` names
-    the study a finding was just recorded on when no unread study was left to go on to."""
-    context = worklist_context(session, settings, view, paged=section, cursor=cursor)
+    """Shows the worklist (default) or the read studies, one page per section ("Next" pages on), or one page of
+    a search or filtered and sorted listing. `after` names the study a finding was just recorded on when no
+    unread study was left to go on to."""
+    context = worklist_context(session, settings, view, paged=section, cursor=cursor, found=found)
     context["after"] = after
     context["monitor_alerts"] = admin_alerts(request, session, settings)  # the admins' banner (issue 10)
     return templates.TemplateResponse(request, "worklist.html", context)
@@ -69,15 +141,18 @@ def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, 
 def read_page(request: Request, session: SessionDep, settings: SettingsDep, section: str | None = None,
               cursor: Annotated[str | None, Query(max_length=1000)] = None):
     """Shows the studies with a recorded finding."""
-    return worklist_page(request, session, settings, view="read", section=section, cursor=cursor)
+    return worklist_page(request, session, settings, Listing(None, None, {}), view="read", section=section,
+                         cursor=cursor)
 
 
 @router.get("/fragments/worklist", dependencies=NURSE)
-def worklist_fragment(request: Request, session: SessionDep, settings: SettingsDep, view: View = "unread",
-                      section: str | None = None, cursor: Annotated[str | None, Query(max_length=1000)] = None):
-    """Returns only the table bodies, counts and status strip of the page shown, swapped in place by the
-    polling page; answers 304 (no body) when nothing changed since the version (ETag) the poller has."""
-    context = worklist_context(session, settings, view, paged=section, cursor=cursor)
+def worklist_fragment(request: Request, session: SessionDep, settings: SettingsDep, found: ListingDep,
+                      view: View = "unread", section: str | None = None,
+                      cursor: Annotated[str | None, Query(max_length=1000)] = None):
+    """Returns only the table bodies, counts and status strip of the page shown (triage sections, or the
+    search or filtered listing), swapped in place by the polling page; answers 304 (no body) when nothing
+    changed since the version (ETag) the poller has."""
+    context = worklist_context(session, settings, view, paged=section, cursor=cursor, found=found)
     response = templates.TemplateResponse(request, "_worklist_fragment.html", context,
                                           headers={"Cache-Control": "no-store"})
     etag = '"' + hashlib.sha256(_CLOCK.sub(b"", response.body)).hexdigest()[:32] + '"'

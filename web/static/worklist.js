@@ -135,6 +135,16 @@
     if (link) { window.location.assign(link.href); }
   });
 
+  // Empty search and filter fields are left out of the address, so it reads as what was asked.
+  document.addEventListener("submit", function (event) {
+    if (!event.target || event.target.id !== "finder") { return; }
+    Array.prototype.forEach.call(event.target.elements, function (field) {
+      if (field.name && (field.value === "" || (field.name === "sort" && field.value === "triage"))) {
+        field.disabled = true;
+      }
+    });
+  });
+
   function init() {
     Array.prototype.forEach.call(document.querySelectorAll("main tbody[id^='body-']"), remember);
   }

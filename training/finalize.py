@@ -35,6 +35,40 @@ def code_version() -> str:
         return "unknown"
 
 
+def best_epoch(log: list[dict]) -> int:
+    """The epoch whose weights became best.pt: the training's own selection rule, recorded as "best" in its log.
+
+    training.train keeps the epoch with the best shift-suite mean (clean ROC-AUC breaks ties) and writes that
+    epoch into every log row, so the last row names the kept weights; re-deriving it here from val_roc_auc
+    would name another epoch than the one shipped. Logs from before that key fall back to the clean ROC-AUC
+    at the final resolution, the rule those runs used.
+    """
+    if "best" in log[-1]:
+        return int(log[-1]["best"])
+    return int(max(log, key=lambda r: r["val_roc_auc"] if r["res"] == log[-1]["res"] else -1)["epoch"])
+
+
+def epoch_table(log: list[dict]) -> str:
+    """The report's epoch table; shift-suite columns (mean, worst, held-out mean) when the log carries them."""
+    shifted = any("shift_mean_roc_auc" in r for r in log)
+    head = "| epoch | px | train loss | val ROC-AUC | val PR-AUC |"
+    head += " shift mean | shift worst | shift held-out mean |" if shifted else ""
+    head += " lr | seconds | best so far |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def fmt(v) -> str:
+        return "—" if v is None else f"{v:.4f}"
+    for r in log:
+        row = f"| {r['epoch']} | {r['res']} | {r['loss']:.4f} | {r['val_roc_auc']:.4f} | {r['val_pr_auc']:.4f} |"
+        if shifted:
+            worst = r.get("shift_worst") or {}
+            worst_txt = f"{worst['roc_auc']:.4f} ({worst['perturbation']})" if worst else "—"
+            row += f" {fmt(r.get('shift_mean_roc_auc'))} | {worst_txt} | {fmt(r.get('shift_held_out_mean'))} |"
+        row += f" {r['lr']:.2e} | {r['seconds']:.0f} | {r.get('best', '—')} |"
+        rows.append(row)
+    return "\n".join(rows)
+
+
 def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivity: float = 0.90,
              ood_per_family: int = 60) -> dict:
     """Writes bundle_dir from run_dir/best.pt and the run's split; returns the bundle metadata."""
@@ -81,8 +115,7 @@ def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivit
         "threshold": threshold, "target_sensitivity": target_sensitivity,
         "bf16_check": {"val_roc_auc_fp32": float(auc32), "val_roc_auc_bf16": float(auc16),
                        "drop": float(auc32 - auc16), "max_drop": BF16_MAX_AUC_DROP, "use_bf16": use_bf16},
-        "training": {**train_cfg, "epochs_run": len(log), "best_epoch": max(log, key=lambda r: r["val_roc_auc"] if
-                     r["res"] == log[-1]["res"] else -1)["epoch"],
+        "training": {**train_cfg, "epochs_run": len(log), "best_epoch": best_epoch(log),
                      "seconds": round(sum(r["seconds"] for r in log), 1), "torch": torch.__version__},
         "split": {"file": "split.csv", "sha256": hashlib.sha256((run_dir / "split.csv").read_bytes()).hexdigest(),
                   "counts": {k: len(v) for k, v in splits.items()}},
@@ -112,8 +145,6 @@ def write_training_report(bundle_dir: Path, meta: dict, cal_table: dict, log: li
     """Writes report/README.md: metrics table, calibration selection, bf16 check, epochs, plots."""
     m = meta["metrics"]
     cal_rows = "\n".join(f"| {k} | {v['ece']:.4f} | {v['brier']:.4f} |" for k, v in cal_table.items())
-    epochs = "\n".join(f"| {r['epoch']} | {r['res']} | {r['loss']:.4f} | {r['val_roc_auc']:.4f} | {r['val_pr_auc']:.4f} "
-                       f"| {r['lr']:.2e} | {r['seconds']:.0f} |" for r in log)
     b = meta["bf16_check"]
     text = f"""# Training report — {meta['version']}
 
@@ -142,9 +173,9 @@ allowed < {b['max_drop']}): the service {'uses' if b['use_bf16'] else 'does not 
 
 ## Epochs
 
-| epoch | px | train loss | val ROC-AUC | val PR-AUC | lr | seconds |
-|---|---|---|---|---|---|---|
-{epochs}
+Kept weights: epoch {meta['training']['best_epoch']} (the training's selection rule, as its log records it).
+
+{epoch_table(log)}
 
 Total training time {meta['training']['seconds']:.0f} s (torch {meta['training']['torch']}).
 

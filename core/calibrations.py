@@ -11,12 +11,12 @@ import json
 import math
 from typing import Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, case, false, func, select, true, update
 from sqlalchemy.orm import Session
 
 from core import audit, worklist_rows
 from core.calibration import CALIBRATORS, calibrator_from_dict
-from core.models import Calibration, Study, utcnow
+from core.models import Calibration, Status, Study, WorklistRow, utcnow
 
 THRESHOLD_MARK = "@t"  # versions made by a threshold change: "<base>@t0.3500"
 _VERSION_MAX = Calibration.__table__.c.version.type.length
@@ -198,6 +198,35 @@ def set_threshold(session: Session, *, threshold: float, actor: str, actor_role:
                  old=current.threshold, new=threshold, version=cal.version, previous=current.version,
                  rescored=rescored)
     return current, cal, rescored
+
+
+def threshold_preview(session: Session, *, threshold: float) -> dict:
+    """What setting `threshold` would change, before it is set (scores stay: only the flag moves): unread
+    worklist rows that would become flagged or unflagged, and the sensitivity/specificity the new and the
+    current threshold imply on the recorded pneumonia/normal findings (None without such findings)."""
+    current = active(session)
+    cut = -threshold  # rows store the risk negated
+    rows = dict(session.execute(
+        select(WorklistRow.flagged, func.count()).where(
+            WorklistRow.section == "unread",
+            ((WorklistRow.flagged == false()) & (WorklistRow.neg_score <= cut))
+            | ((WorklistRow.flagged == true()) & (WorklistRow.neg_score > cut)))
+        .group_by(WorklistRow.flagged)).all())
+
+    def rates(t: float) -> tuple[float | None, float | None, int, int]:
+        labelled = and_(Study.status == Status.SCORED, Study.finding.in_(("pneumonia", "normal")))
+        pos, neg, tp, tn = session.execute(select(
+            func.count().filter(Study.finding == "pneumonia"), func.count().filter(Study.finding == "normal"),
+            func.sum(case(((Study.finding == "pneumonia") & (Study.score >= t), 1), else_=0)),
+            func.sum(case(((Study.finding == "normal") & (Study.score < t), 1), else_=0))).where(labelled)).one()
+        return (tp / pos if pos else None), (tn / neg if neg else None), pos, neg
+
+    sens, spec, positives, negatives = rates(threshold)
+    old_sens, old_spec = rates(current.threshold)[:2] if current else (None, None)
+    return {"threshold": threshold, "current": current.threshold if current else None,
+            "newly_flagged": rows.get(False, 0), "unflagged": rows.get(True, 0),
+            "sensitivity": sens, "specificity": spec, "current_sensitivity": old_sens,
+            "current_specificity": old_spec, "positives": positives, "negatives": negatives}
 
 
 def ensure_bundle(session: Session, *, bundle_meta: dict, source: str, actor: str) -> Calibration:

@@ -225,7 +225,13 @@ def test_worklist_study_sliders_and_feedback_in_chromium(server, browser, monkey
     admin = new_page(browser, problems)
     sign_in(admin, base, "ada", "/admin/calibrations")
     admin.fill("#threshold", "0.999")
-    admin.click("#threshold-panel button[type=submit]")
+    admin.click("#threshold-preview")  # first a preview: what would change, then a confirmation
+    admin.wait_for_selector("#threshold-preview-panel")
+    assert admin.locator("#preview-unflagged").inner_text() == "0"  # the flagged study was read above
+    assert admin.locator("#preview-newly-flagged").inner_text() == "0"
+    assert admin.locator("#preview-sensitivity").inner_text() == "0.0 %"  # the one pneumonia falls below 0.999
+    assert admin.locator("#active-threshold").inner_text() == f"{site.threshold:.3f}"  # not changed yet
+    admin.click("#threshold-confirm")
     admin.wait_for_url(base + "/admin/calibrations")
     assert "Threshold changed" in admin.locator("#notice").inner_text()
     assert admin.locator("#active-threshold").inner_text() == "0.999"

@@ -204,3 +204,42 @@ def test_search_by_accession_and_back_to_triage_order(server, browser):  # noqa:
     page.wait_for_url(base + "/")
     assert page.locator("#body-failed").count() == 1 and page.locator("#listing-note").count() == 0
     assert problems == []
+
+
+def test_threshold_preview_and_confirmations_in_chromium(server, browser):  # noqa: F811
+    site, base, dicom_id = server
+    problems: list[str] = []
+    admin = new_page(browser, problems)
+    sign_in(admin, base, "ada", "/admin/calibrations")
+    assert admin.locator("#threshold").input_value() == f"{site.threshold:.4f}"  # rounded for people
+    # Out of range: the server's message shows next to the field (no browser pop-up keeps the form back).
+    admin.fill("#threshold", "1.5")
+    admin.click("#threshold-preview")
+    admin.wait_for_selector("#admin-error")
+    assert "strictly between 0 and 1" in admin.locator("#admin-error").inner_text()
+    assert admin.locator("#threshold").get_attribute("aria-invalid") == "true"
+    problems.remove(f"422 {base}/admin/calibrations/threshold")
+    problems.remove("Failed to load resource: the server responded with a status of 422 (Unprocessable Entity)")
+    # Every unread film gets flagged at a threshold just above zero: the preview counts them before anything changes.
+    with session_scope(site.settings.database_url) as s:
+        unflagged = sum(1 for i in site.scored + [site.overdue, dicom_id]
+                        if not repo.get_study(s, study_id=i).flagged)
+    admin.fill("#threshold", "0.0001")
+    admin.click("#threshold-preview")
+    admin.wait_for_selector("#threshold-preview-panel")
+    # The DICOM twin and its source film are one row each (different studies), so every unflagged row counts.
+    assert admin.locator("#preview-newly-flagged").inner_text() == str(unflagged)
+    assert admin.locator("#active-threshold").inner_text() == f"{site.threshold:.3f}"
+    admin.click("#threshold-confirm")
+    admin.wait_for_url(base + "/admin/calibrations")
+    assert admin.locator("#active-threshold").inner_text() == "0.000"
+    # Disabling a user asks first.
+    admin.goto(base + "/admin/users")
+    admin.click('tr[data-user="nurse.nina"] button[type=submit]')
+    admin.wait_for_selector("#confirm-disable")
+    assert "nurse.nina" in admin.locator("#confirm-disable").inner_text()
+    assert "active" in admin.locator('tr[data-user="nurse.nina"]').inner_text()
+    admin.click("#confirm-disable-button")
+    admin.wait_for_url(base + "/admin/users")
+    assert "disabled" in admin.locator('tr[data-user="nurse.nina"]').inner_text().lower()
+    assert problems == []

@@ -3,11 +3,13 @@ filters and sorts of the worklist, the threshold preview and confirmations (real
 from __future__ import annotations
 
 import datetime as dt
+import re
 
+from core import auth, calibrations
 from core import repository as repo
 from core.db import session_scope
 from core.worklist_filter import SORTS, Filters, filtered
-from tests.test_web import (admin_client, client, csrf_token, post_form, row_ids, site,  # noqa: F401 (fixtures)
+from tests.test_web import (add_user, admin_client, client, post_form, row_ids, site,  # noqa: F401 (fixtures)
                             site_template)
 
 
@@ -85,3 +87,47 @@ def test_filtered_listing_pages_with_cursors(site):  # noqa: F811
                 if cursor is None:
                     break
             assert seen == [e.study.id for e in whole.entries] and len(seen) == whole.total >= 3
+
+
+def test_threshold_change_previews_counts_and_rates_then_asks_to_confirm(admin_client, client, site):  # noqa: F811
+    with session_scope(site.settings.database_url) as s:
+        scores = sorted((repo.get_study(s, study_id=i).score for i in site.scored), reverse=True)
+        before = calibrations.active(s)
+    post_form(client, f"/studies/{site.flagged}/feedback", {"finding": "pneumonia"})
+    post_form(client, f"/studies/{site.scored[1]}/feedback", {"finding": "normal"})
+    page = admin_client.get("/admin/calibrations").text
+    assert f'value="{before.threshold:.4f}"' in page  # the field shows a rounded value
+    assert 'novalidate' in page
+    # A threshold just under the second-highest score: one more unread study would be flagged.
+    new = round(scores[1] - 1e-4, 4)
+    r = post_form(admin_client, "/admin/calibrations/threshold", {"threshold": str(new)})
+    assert r.status_code == 200
+    newly = re.search(r'id="preview-newly-flagged">(\d+)<', r.text).group(1)
+    with session_scope(site.settings.database_url) as s:
+        unread = [repo.get_study(s, study_id=i) for i in site.scored + [site.overdue] if
+                  repo.get_study(s, study_id=i).finding is None]
+        assert int(newly) == sum(1 for st in unread if not st.flagged and st.score >= new)
+        assert calibrations.active(s).version == before.version  # nothing changed yet
+    # The recorded pneumonia (flagged) and normal (scored[1], now at or above the new threshold).
+    assert re.search(r'id="preview-sensitivity">100\.0 %<', r.text)
+    assert re.search(r'id="preview-specificity">0\.0 %<', r.text)
+    assert 'id="threshold-confirm"' in r.text
+    r = post_form(admin_client, "/admin/calibrations/threshold", {"threshold": str(new), "confirm": "yes"},
+                  follow_redirects=False)
+    assert r.status_code == 303
+    with session_scope(site.settings.database_url) as s:
+        assert calibrations.active(s).threshold == new
+    bad = post_form(admin_client, "/admin/calibrations/threshold", {"threshold": "1.5"})
+    assert bad.status_code == 422 and 'aria-invalid="true"' in bad.text and 'id="admin-error"' in bad.text
+
+
+def test_disabling_a_user_asks_to_confirm(admin_client, site):  # noqa: F811
+    add_user(site.settings, "zed", "nurse")
+    r = post_form(admin_client, "/admin/users/zed/disable", {})
+    assert r.status_code == 200 and 'id="confirm-disable"' in r.text
+    with session_scope(site.settings.database_url) as s:
+        assert not auth.get_user(s, name="zed").disabled
+    r = post_form(admin_client, "/admin/users/zed/disable", {"confirm": "yes"}, follow_redirects=False)
+    assert r.status_code == 303
+    with session_scope(site.settings.database_url) as s:
+        assert auth.get_user(s, name="zed").disabled

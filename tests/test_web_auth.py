@@ -181,11 +181,12 @@ def route_requests(site: AuthSite) -> dict[tuple[str, str], Callable[[int], tupl
         ("POST", "/admin/calibrations/activate"): lambda n: (
             "/admin/calibrations/activate", {"data": {"version": "base"}}, 303),
         ("POST", "/admin/calibrations/threshold"): lambda n: (
-            "/admin/calibrations/threshold", {"data": {"threshold": f"{0.3 + n / 100:.2f}"}}, 303),
+            "/admin/calibrations/threshold", {"data": {"threshold": f"{0.3 + n / 100:.2f}", "confirm": "yes"}}, 303),
         ("GET", "/admin/users"): lambda n: ("/admin/users", {}, 200),
         ("POST", "/admin/users"): lambda n: ("/admin/users", {"data": {
             "name": f"new{n}", "role": "nurse", "password": PASSWORD, "password_again": PASSWORD}}, 303),
-        ("POST", "/admin/users/{name}/disable"): lambda n: ("/admin/users/zed/disable", {"data": {}}, 303),
+        ("POST", "/admin/users/{name}/disable"): lambda n: (
+            "/admin/users/zed/disable", {"data": {"confirm": "yes"}}, 303),
         ("POST", "/admin/users/{name}/enable"): lambda n: ("/admin/users/zed/enable", {"data": {}}, 303),
         ("GET", "/admin/audit"): lambda n: ("/admin/audit?action=login_success&page=1", {}, 200),
         ("GET", "/admin/audit.csv"): lambda n: ("/admin/audit.csv", {}, 200),
@@ -542,7 +543,7 @@ def test_api_token_works_without_cookies_and_stops_when_its_user_is_disabled(sit
         # Tokens are for the API: pages still need a browser session.
         assert script.get("/", headers=bearer, follow_redirects=False).status_code == 303
 
-        assert send(clients["admin"], "POST", "/admin/users/dora/disable", {"data": {}}).status_code == 303
+        assert send(clients["admin"], "POST", "/admin/users/dora/disable", {"data": {"confirm": "yes"}}).status_code == 303
         r = script.get("/api/studies", headers=bearer)
         assert r.status_code == 401 and "disabled" in r.json()["detail"]
         # The doctor's browser session ended with the disabling too.
@@ -567,10 +568,11 @@ def test_audited_actions_through_http(site, clients):
         export = admin.get("/api/feedback.csv")
         assert export.status_code == 200 and len(export.text.strip().splitlines()) == 2
         assert send(admin, "POST", "/admin/calibrations/activate", {"data": {"version": "older"}}).status_code == 303
-        assert send(admin, "POST", "/admin/calibrations/threshold", {"data": {"threshold": "0.35"}}).status_code == 303
+        assert send(admin, "POST", "/admin/calibrations/threshold",
+                    {"data": {"threshold": "0.35", "confirm": "yes"}}).status_code == 303
         assert send(admin, "POST", "/admin/users", {"data": {"name": "ivy", "role": "nurse", "password": PASSWORD,
                                                              "password_again": PASSWORD}}).status_code == 303
-        assert send(admin, "POST", "/admin/users/ivy/disable", {"data": {}}).status_code == 303
+        assert send(admin, "POST", "/admin/users/ivy/disable", {"data": {"confirm": "yes"}}).status_code == 303
         r = send(c, "POST", "/logout", {"data": {}})
         assert r.status_code == 303 and r.headers["location"] == "/login"
         assert c.get("/", follow_redirects=False).status_code == 303
@@ -638,7 +640,7 @@ def test_admin_pages_browse_the_trail_and_report_mistakes(site, clients):
     for bad in ("0", "1", "-0.2", "abc", "nan"):
         assert post("/admin/calibrations/threshold", {"threshold": bad}).status_code == 422
     assert post("/admin/calibrations/activate", {"version": "nope"}).status_code == 404
-    r = post("/admin/calibrations/threshold", {"threshold": "0.5"})  # the threshold in force: nothing to do
+    r = post("/admin/calibrations/threshold", {"threshold": "0.5", "confirm": "yes"})  # in force: nothing to do
     assert r.status_code == 303 and "nothing changed" in admin.get("/admin/calibrations").text
     with session_scope(site.settings.database_url) as s:
         assert [u.name for u in auth.list_users(s)] == ["adam", "dora", "nina", "zed"]

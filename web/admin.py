@@ -30,9 +30,10 @@ def _done(request: Request, url: str, notice: str) -> RedirectResponse:
 
 
 def _calibrations_page(request: Request, session, *, error: str | None = None, status_code: int = 200,
-                       threshold_input: str = ""):
+                       threshold_input: str = "", preview: dict | None = None):
     context = {"calibrations": calibrations.list_all(session), "active": calibrations.active(session),
-               "error": error, "notice": session_of(request).pop_notice(), "threshold_input": threshold_input}
+               "error": error, "notice": session_of(request).pop_notice(), "threshold_input": threshold_input,
+               "preview": preview}
     return templates.TemplateResponse(request, "admin_calibrations.html", context, status_code=status_code)
 
 
@@ -58,8 +59,10 @@ def activate(request: Request, user: Admin, session: SessionDep, version: Annota
 
 @router.post("/admin/calibrations/threshold", dependencies=ADMIN_POST)
 def set_threshold(request: Request, user: Admin, session: SessionDep,
-                  threshold: Annotated[str, Form(max_length=32)]):
-    """Sets a new threshold for the calibration in force, as a new calibration version put in force."""
+                  threshold: Annotated[str, Form(max_length=32)], confirm: Annotated[str, Form(max_length=8)] = ""):
+    """Sets a new threshold for the calibration in force, as a new calibration version put in force. Without
+    `confirm=yes` it only shows what the change would do (studies that change flag, sensitivity/specificity
+    on recorded findings) and asks to confirm."""
     if calibrations.active(session) is None:
         return _calibrations_page(request, session, status_code=409,
                                   error="No calibration is in force yet, so there is no threshold to change.")
@@ -67,6 +70,9 @@ def set_threshold(request: Request, user: Admin, session: SessionDep,
         value = calibrations.parse_threshold(threshold)
     except calibrations.CalibrationError as exc:
         return _calibrations_page(request, session, status_code=422, threshold_input=threshold, error=str(exc))
+    if confirm != "yes":
+        return _calibrations_page(request, session, threshold_input=threshold,
+                                  preview=calibrations.threshold_preview(session, threshold=value))
     old, cal, rescored = calibrations.set_threshold(session, threshold=value, actor=user.name,
                                                     actor_role=user.role, client=client_host(request))
     if cal is old:
@@ -81,10 +87,10 @@ def set_threshold(request: Request, user: Admin, session: SessionDep,
 
 
 def _users_page(request: Request, session, *, error: str | None = None, status_code: int = 200,
-                form: dict | None = None):
+                form: dict | None = None, confirm_disable: str | None = None):
     context = {"users": auth.list_users(session), "roles": auth.ROLES, "error": error,
                "notice": session_of(request).pop_notice(), "form": form or {"name": "", "role": "nurse"},
-               "min_password": auth.MIN_PASSWORD_LENGTH}
+               "min_password": auth.MIN_PASSWORD_LENGTH, "confirm_disable": confirm_disable}
     return templates.TemplateResponse(request, "admin_users.html", context, status_code=status_code)
 
 
@@ -120,12 +126,16 @@ def _target(session, name: str) -> User:
 
 
 @router.post("/admin/users/{name}/disable", dependencies=ADMIN_POST)
-def disable_user(request: Request, user: Admin, session: SessionDep, name: str):
-    """Disables an account: it can no longer sign in, its sessions end and its API tokens are revoked."""
+def disable_user(request: Request, user: Admin, session: SessionDep, name: str,
+                 confirm: Annotated[str, Form(max_length=8)] = ""):
+    """Disables an account: it can no longer sign in, its sessions end and its API tokens are revoked. Without
+    `confirm=yes` it asks to confirm first."""
     target = _target(session, name)
     if target.id == user.id:
         return _users_page(request, session, status_code=409,
                            error="You cannot disable your own account (another admin can).")
+    if confirm != "yes":
+        return _users_page(request, session, confirm_disable=target.name)
     auth.disable_user(session, name=target.name, actor=user.name, actor_role=user.role, client=client_host(request))
     session.commit()
     return _done(request, "/admin/users", f"Disabled {target.name}; their API tokens are revoked.")

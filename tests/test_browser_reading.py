@@ -243,3 +243,32 @@ def test_threshold_preview_and_confirmations_in_chromium(server, browser):  # no
     admin.wait_for_url(base + "/admin/users")
     assert "disabled" in admin.locator('tr[data-user="nurse.nina"]').inner_text().lower()
     assert problems == []
+
+
+def test_what_if_number_box_and_times_in_the_readers_zone(server, browser):  # noqa: F811
+    site, base, _ = server
+    problems: list[str] = []
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, timezone_id="Asia/Kolkata")
+    page = context.new_page()
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    sign_in(page, base, "dr.browser", f"/studies/{site.flagged}")
+    with session_scope(site.settings.database_url) as s:
+        study = repo.get_study(s, study_id=site.flagged)
+        score, received = study.score, study.received_at
+    # A threshold a hair above the score: shown with enough digits that "<" reads true.
+    above = score + 2e-5
+    page.fill("#whatif-number", f"{above:.6f}")
+    decision = page.locator("#decision").inner_text()
+    assert decision.startswith("What-if: Not flagged: score ")
+    shown = decision.removeprefix("What-if: Not flagged: score ").split(" < threshold ")
+    assert float(shown[0]) < float(shown[1]) and shown[0] != shown[1]
+    assert float(page.locator("#whatif").input_value()) == pytest.approx(above, abs=1e-3)  # the slider follows
+    page.fill("#whatif-number", "7")  # out of range: marked, the decision keeps the last valid threshold
+    assert page.locator("#whatif-number").get_attribute("aria-invalid") == "true"
+    assert page.locator("#decision").inner_text() == decision
+    # Received time in the reader's zone (India, UTC+05:30, no daylight saving), with the zone named.
+    local = (received.astimezone(dt.timezone(dt.timedelta(hours=5, minutes=30)))).strftime("%Y-%m-%d %H:%M:%S")
+    shown_time = page.locator(".study-meta time.local-time").inner_text()
+    assert shown_time.startswith(local) and ("GMT+5:30" in shown_time or "IST" in shown_time)
+    context.close()
+    assert problems == []

@@ -131,3 +131,15 @@ def test_disabling_a_user_asks_to_confirm(admin_client, site):  # noqa: F811
     assert r.status_code == 303
     with session_scope(site.settings.database_url) as s:
         assert auth.get_user(s, name="zed").disabled
+
+
+def test_comparisons_show_enough_digits_and_times_carry_their_zone():
+    from web.templating import compare_digits, when
+
+    assert compare_digits(0.99996, 0.99999) == 5  # "1.000 < 1.000" otherwise
+    assert compare_digits(0.5, 0.5) == 3 and compare_digits(0.1234, 0.5678) == 3
+    assert compare_digits(0.4, 0.4 + 1e-12) == 10
+    moment = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    html = str(when(moment))
+    assert html.startswith('<time class="local-time" datetime="') and html.endswith("</time>")
+    assert dt.datetime.fromisoformat(re.search(r'datetime="([^"]+)"', html).group(1)) == moment

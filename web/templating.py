@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from core.auth import role_allows
 from core.dicom import DicomInfo
@@ -40,11 +41,13 @@ def waited(seconds: float | None) -> str:
 
 
 def when(value: dt.datetime | None) -> str:
-    """Formats a timestamp in the server's local time zone (the hospital's), with its zone name."""
+    """Formats a timestamp in the server's local time zone (the hospital's), with its zone name, as a <time>
+    element that the page's script shows in the reader's own zone (app.js, also with the zone named)."""
     if value is None:
         return "–"
     local = value.astimezone()
-    return local.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+    text = local.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+    return Markup(f'<time class="local-time" datetime="{local.isoformat()}">{text}</time>')
 
 
 def clock(value: dt.datetime | None) -> str:
@@ -55,6 +58,17 @@ def clock(value: dt.datetime | None) -> str:
 def score(value: float | None) -> str:
     """Formats a calibrated score with three decimals."""
     return "–" if value is None else f"{value:.3f}"
+
+
+def compare_digits(a: float | None, b: float | None) -> int:
+    """Returns how many decimals show two values so that their comparison reads true: three, or more while
+    rounding would make two different values look equal (never "1.000 < 1.000")."""
+    if a is None or b is None or a == b:
+        return 3
+    for digits in range(3, 10):
+        if f"{a:.{digits}f}" != f"{b:.{digits}f}":
+            return digits
+    return 10
 
 
 def person_name(value: str | None) -> str:
@@ -87,7 +101,7 @@ def make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR), context_processors=[auth_context])
     env = templates.env
     env.filters.update(waited=waited, when=when, clock=clock, score=score, person_name=person_name,
-                       study_when=study_when)
+                       study_when=study_when, compare_digits=compare_digits)
     env.globals.update(caveat=CAVEAT, outcome_text=OUTCOME_TEXT, role_allows=role_allows)
     return templates
 

@@ -59,6 +59,36 @@
     if (target && target.closest("#shortcuts-close")) { document.getElementById("shortcuts").close(); }
   });
 
+  // Times are sent in the server's zone and shown in the reader's own, with the zone named ("… CET").
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+  function zoneName(date) {
+    try {
+      var part = new Intl.DateTimeFormat(undefined, {timeZoneName: "short"}).formatToParts(date)
+        .filter(function (p) { return p.type === "timeZoneName"; })[0];
+      if (part) { return part.value; }
+    } catch (e) { /* an old browser: the offset below */ }
+    var minutes = -date.getTimezoneOffset();
+    return "UTC" + (minutes < 0 ? "−" : "+") + pad(Math.floor(Math.abs(minutes) / 60)) + ":" + pad(Math.abs(minutes) % 60);
+  }
+  function localiseTimes(root) {
+    Array.prototype.forEach.call((root || document).querySelectorAll("time.local-time[datetime]"), function (el) {
+      var date = new Date(el.getAttribute("datetime"));
+      if (isNaN(date.getTime())) { return; }
+      el.textContent = date.getFullYear() + "-" + pad(date.getMonth() + 1) + "-" + pad(date.getDate()) + " " +
+        pad(date.getHours()) + ":" + pad(date.getMinutes()) + ":" + pad(date.getSeconds()) + " " + zoneName(date);
+      el.title = "Your local time (" + (Intl.DateTimeFormat().resolvedOptions().timeZone || zoneName(date)) + ")";
+    });
+  }
+  window.ChestAid = {localiseTimes: localiseTimes};
+  // Content swapped in by htmx is localised before it is compared or shown (worklist.js compares bodies).
+  document.addEventListener("htmx:oobBeforeSwap", function (event) { localiseTimes(event.detail.fragment); }, true);
+  document.addEventListener("htmx:afterSwap", function (event) { localiseTimes(event.detail.elt); });
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", function () { localiseTimes(document); });
+  } else {
+    localiseTimes(document);
+  }
+
   document.addEventListener("htmx:sendError", function () { setStale(true); });
   document.addEventListener("htmx:responseError", function () { setStale(true); });
   document.addEventListener("htmx:afterRequest", function (event) {

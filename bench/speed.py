@@ -144,22 +144,25 @@ def main() -> None:
     limit = table[chosen.mode][best_batch]
     print(f"service picks: {chosen.label} ({chosen.reason}); limit {limit:.2f} images/s at batch {best_batch}")
 
-    stacks = []
     if args.burst or args.idle:
         import bench_pipeline as bp  # noqa: E402  (same folder)
-        stacks.append(("embedded", {}))
-        if args.postgres and args.redis:
-            url, drop = bp.fresh_postgres(args.postgres)
-            stacks.append(("postgres+redis", {"CHESTAID_DATABASE_URL": url, "CHESTAID_BROKER_URL": args.redis}))
-        for label, env in stacks:
-            if args.burst:
-                r = bp.run(f"{label}: burst", args.burst, env, args.model, 1)
-                print(f"RATIO {label} burst: service/limit {r['throughput'] / limit:.2f}, "
-                      f"service/naive {r['throughput'] / naive:.2f}")
-            if args.idle:
-                bp.run(f"{label}: idle (one film at a time)", args.idle, env, args.model, 1, one_at_a_time=True)
-        if len(stacks) > 1:
-            drop()
+        stacks = [("embedded", None)] + ([("postgres+redis", args.redis)] if args.postgres and args.redis else [])
+        for label, redis in stacks:
+            for kind, n, one in (("burst", args.burst, False), ("idle (one film at a time)", args.idle, True)):
+                if not n:
+                    continue
+                env, drop = {}, None
+                if redis:  # a fresh database for each run, so rows of one run never mix with the next
+                    url, drop = bp.fresh_postgres(args.postgres)
+                    env = {"CHESTAID_DATABASE_URL": url, "CHESTAID_BROKER_URL": redis}
+                try:
+                    r = bp.run(f"{label}: {kind}", n, env, args.model, 1, one_at_a_time=one)
+                finally:
+                    if drop:
+                        drop()
+                if not one:
+                    print(f"RATIO {label} burst: service/limit {r['throughput'] / limit:.2f}, "
+                          f"service/naive {r['throughput'] / naive:.2f}")
 
 
 if __name__ == "__main__":

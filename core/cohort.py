@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.models import Study
+from core.repository import LABELS
 
 MAX_CASES = 20_000  # bounds one fit's work; far above the 100-300 cases a recalibration needs
 
@@ -39,7 +40,8 @@ class Cohort:
 
 def reviewed(session: Session, *, window: Window) -> Cohort:
     """Returns the reviewed, scored images in the window (one per image, as feedback.csv has them)."""
-    query = select(Study.logit, Study.finding, Study.model_version).where(Study.finding.is_not(None),
+    # Only pneumonia/normal findings are labels; "other abnormality", "indeterminate", "poor quality" are not.
+    query = select(Study.logit, Study.finding, Study.model_version).where(Study.finding.in_(LABELS),
                                                                         Study.logit.is_not(None))
     if window.last is not None:
         query = query.order_by(Study.feedback_at.desc(), Study.id.desc()).limit(min(window.last, MAX_CASES))

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from core.csvsafe import safe_cell
 from core.models import Study
 from core.pseudonym import patient_key
+from core.repository import LABELS, OTHER_FINDINGS
 
 # patient_key is last so earlier readers of the format keep working. No patient ID, name or accession
 # number is ever exported: patient_key (see core.pseudonym) lets one patient's films be linked, nothing more.
@@ -58,8 +59,10 @@ def feedback_csv(session: Session, *, salt: bytes) -> str:
     return buf.getvalue()
 
 
-def read_feedback_csv(path: Path) -> tuple[list[float], list[int], set[str]]:
-    """Reads (logits, labels 1=pneumonia, model versions) from an export, refusing malformed files."""
+def read_feedback_csv(path: Path, *, excluded: dict[str, int] | None = None) -> tuple[list[float], list[int], set[str]]:
+    """Reads (logits, labels 1=pneumonia, model versions) from an export, refusing malformed files. Rows with
+    a finding that is not a label ("other abnormality", "indeterminate", "poor quality") are left out of the
+    recalibration input and counted per finding into `excluded` when given."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = {"logit", "finding", "model_version"} - set(reader.fieldnames or [])
@@ -67,8 +70,13 @@ def read_feedback_csv(path: Path) -> tuple[list[float], list[int], set[str]]:
             raise FeedbackFormatError(f"{path} is not a Chest-Aid feedback export: missing columns {sorted(missing)}")
         logits, labels, versions = [], [], set()
         for n, row in enumerate(reader, start=2):
-            if row["finding"] not in ("pneumonia", "normal"):
-                raise FeedbackFormatError(f"{path} line {n}: finding must be pneumonia or normal, got {row['finding']!r}")
+            if row["finding"] in OTHER_FINDINGS:
+                if excluded is not None:
+                    excluded[row["finding"]] = excluded.get(row["finding"], 0) + 1
+                continue
+            if row["finding"] not in LABELS:
+                known = ", ".join(LABELS + OTHER_FINDINGS)
+                raise FeedbackFormatError(f"{path} line {n}: finding must be one of {known}, got {row['finding']!r}")
             try:
                 logits.append(float(row["logit"]))
             except ValueError:

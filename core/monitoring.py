@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from core import calibrations
 from core.calibration import N_BINS, calibrator_from_dict, expected_calibration_error
 from core.models import Study, utcnow
+from core.repository import LABELS
 
 log = logging.getLogger("chestaid.monitoring")
 
@@ -199,7 +200,7 @@ def calibration_for(session: Session, meta: dict) -> tuple[str, dict, float, str
 def reviewed_cases(session: Session, *, model_version: str, last: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (logits, labels) of the last `last` reviewed cases scored by this model, by feedback time."""
     rows = session.execute(select(Study.logit, Study.finding).where(
-        Study.finding.is_not(None), Study.logit.is_not(None), Study.model_version == model_version)
+        Study.finding.in_(LABELS), Study.logit.is_not(None), Study.model_version == model_version)
         .order_by(Study.feedback_at.desc(), Study.id.desc()).limit(last)).all()
     return np.array([r[0] for r in rows], float), np.array([int(r[1] == "pneumonia") for r in rows], int)
 

@@ -11,7 +11,12 @@ from sqlalchemy.orm import Session
 from core import worklist_rows
 from core.models import Status, Study, WorkerHeartbeat, utcnow
 
-FINDINGS = ("pneumonia", "normal")
+# The calibration labels: only these findings are outcomes (TP/FP/TN/FN), recalibration input and monitoring
+# cases. The other findings are recorded (the study is read) but say nothing about pneumonia, so they are
+# excluded from recalibration and counted apart (core.feedback).
+LABELS = ("pneumonia", "normal")
+OTHER_FINDINGS = ("other abnormality", "indeterminate", "poor quality")
+FINDINGS = LABELS + OTHER_FINDINGS
 # DICOM identity columns of Study; the same names as core.dicom.DicomInfo's fields.
 IDENTITY_FIELDS = ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
                    "accession_number", "patient_id", "patient_name", "patient_sex", "patient_age", "study_date",
@@ -215,7 +220,8 @@ def mark_refused(session: Session, *, study_id: int, reason: str, token: str | N
 
 def record_feedback(session: Session, *, study_id: int, finding: str, comment: str | None,
                     reviewer: str) -> Study:
-    """Records the clinician's finding and derives TP/FP/TN/FN against the flag in force at scoring."""
+    """Records the clinician's finding and, for a pneumonia/normal label, derives TP/FP/TN/FN against the flag
+    in force at scoring (the other findings have no outcome)."""
     if finding not in FINDINGS:
         raise ValueError(f"finding must be one of {FINDINGS}")
     study = session.get(Study, study_id)
@@ -225,7 +231,7 @@ def record_feedback(session: Session, *, study_id: int, finding: str, comment: s
     study.finding_comment = (comment or "").strip() or None
     study.reviewer = reviewer
     study.feedback_at = utcnow()
-    if study.scored_flagged is None:
+    if study.scored_flagged is None or finding not in LABELS:
         study.outcome = None
     else:
         positive = finding == "pneumonia"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 
+import pytest
+
 from core import auth, calibrations
 from core import repository as repo
 from core.db import session_scope
@@ -143,3 +145,39 @@ def test_comparisons_show_enough_digits_and_times_carry_their_zone():
     html = str(when(moment))
     assert html.startswith('<time class="local-time" datetime="') and html.endswith("</time>")
     assert dt.datetime.fromisoformat(re.search(r'datetime="([^"]+)"', html).group(1)) == moment
+
+
+def test_other_findings_are_recorded_but_never_labels(client, admin_client, site, tmp_path):  # noqa: F811
+    from core import cohort, monitoring
+    from core.feedback import FeedbackFormatError, read_feedback_csv
+
+    ranked = site.scored
+    post_form(client, f"/studies/{ranked[0]}/feedback", {"finding": "pneumonia"})
+    r = post_form(client, f"/studies/{ranked[1]}/feedback", {"finding": "poor quality", "comment": "rotated"},
+                  follow_redirects=False)
+    assert r.status_code == 303
+    api = client.post(f"/api/studies/{ranked[2]}/feedback", json={"finding": "indeterminate"},
+                      headers={"X-CSRF-Token": re.search(r'name="csrf-token" content="([^"]+)"',
+                                                         client.get("/").text).group(1)})
+    assert api.status_code == 200 and api.json()["outcome"] is None
+    with session_scope(site.settings.database_url) as s:
+        other = repo.get_study(s, study_id=ranked[1])
+        assert (other.finding, other.outcome) == ("poor quality", None)
+        model = other.model_version
+        # Monitoring and the recalibration cohort see the one label only.
+        z, y = monitoring.reviewed_cases(s, model_version=model, last=100)
+        assert list(y) == [1] and len(z) == 1
+        assert list(cohort.reviewed(s, window=cohort.Window(last=100)).labels) == [1]
+    read = row_ids(client.get("/?view=read").text, "read")
+    assert set(read) == {ranked[0], ranked[1], ranked[2]}  # all three are read
+    # The export has every finding; the recalibration reader counts the other ones apart.
+    csv_text = admin_client.get("/api/feedback.csv").text
+    assert "poor quality" in csv_text and "indeterminate" in csv_text
+    path = tmp_path / "feedback.csv"
+    path.write_text(csv_text)
+    excluded: dict[str, int] = {}
+    logits, labels, _ = read_feedback_csv(path, excluded=excluded)
+    assert labels == [1] and excluded == {"indeterminate": 1, "poor quality": 1}
+    path.write_text(csv_text.replace("poor quality", "maybe"))
+    with pytest.raises(FeedbackFormatError, match="'maybe'"):
+        read_feedback_csv(path)

@@ -105,7 +105,8 @@ def recalibrate(feedback_csv: Path, bundle_dir: Path, out_dir: Path, *, target_s
     from core.bundle import WEIGHTS_FILE, read_meta, write_meta  # torch stays out of the web process
 
     meta = read_meta(bundle_dir)
-    logits, labels, versions = read_feedback_csv(feedback_csv)
+    excluded: dict[str, int] = {}  # findings that are not labels: recorded, reported, never fitted on
+    logits, labels, versions = read_feedback_csv(feedback_csv, excluded=excluded)
     notes = check_cohort(labels, versions, meta["version"])
     for note in notes:
         warnings.warn(note, stacklevel=2)
@@ -120,6 +121,7 @@ def recalibrate(feedback_csv: Path, bundle_dir: Path, out_dir: Path, *, target_s
     if (out_dir / WEIGHTS_FILE).resolve() != (bundle_dir / WEIGHTS_FILE).resolve():
         shutil.copyfile(bundle_dir / WEIGHTS_FILE, out_dir / WEIGHTS_FILE)
     report = {"feedback_file": str(feedback_csv), "n": int(len(y)), "n_pneumonia": int(y.sum()),
+              "excluded_findings": dict(sorted(excluded.items())),
               "cv_folds": n_splits, "target_sensitivity": target, "before": before,
               "after_cross_validated": candidates[best], "candidates_cross_validated": candidates,
               "chosen": best, "warnings": notes}

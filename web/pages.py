@@ -203,7 +203,7 @@ def study_feedback_form(request: Request, user: Doctor, study: StudyDep, session
     if study.status != Status.SCORED:
         error, status = f"Feedback can only be recorded for scored studies; this study is {study.status}.", 409
     elif finding not in FINDINGS:
-        error, status = "Choose the finding: pneumonia or normal.", 422
+        error, status = f"Choose the finding: {', '.join(FINDINGS)}.", 422
     elif len(comment) > 2000:
         error, status = "The comment is limited to 2000 characters.", 422
     if error:

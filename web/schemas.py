@@ -106,7 +106,7 @@ class StudyOut(BaseModel):
 class FeedbackIn(BaseModel):
     """A doctor's finding for a scored study; the reviewer recorded is the signed-in user or token owner."""
 
-    finding: Literal["pneumonia", "normal"]
+    finding: Literal["pneumonia", "normal", "other abnormality", "indeterminate", "poor quality"]
     comment: str | None = Field(default=None, max_length=2000)
 
 

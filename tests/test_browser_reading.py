@@ -272,3 +272,37 @@ def test_what_if_number_box_and_times_in_the_readers_zone(server, browser):  # n
     assert shown_time.startswith(local) and ("GMT+5:30" in shown_time or "IST" in shown_time)
     context.close()
     assert problems == []
+
+
+def test_phone_layout_and_other_findings(server, browser):  # noqa: F811
+    site, base, _ = server
+    problems: list[str] = []
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                                  has_touch=True)
+    page = context.new_page()
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    sign_in(page, base, "dr.browser")
+    first = page.locator("#body-unread tr").first
+    box = first.bounding_box()
+    page.screenshot(path="/tmp/shots/phone_worklist.png", full_page=False)
+    # Little chrome above it: the whole first row shows without scrolling, starting well within 450 px.
+    assert box["y"] <= 330 and box["y"] + box["height"] <= 450, box
+    assert page.evaluate("getComputedStyle(document.querySelector('#body-unread tr')).display") == "flex"  # a card
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 390  # nothing wider than the phone
+    assert page.locator(".caveat").is_visible() and "Not a diagnosis" in page.locator(".caveat").inner_text()
+    assert "never replaces the radiologist" in page.locator("footer").inner_text()
+    page.screenshot(path="/tmp/shots/phone_worklist.png", full_page=False)
+    # The study page: the decision reads as a sentence, not one word per line.
+    first.locator("td.study a").click()
+    page.wait_for_url(f"{base}/studies/{site.flagged}")
+    decision = page.locator("#decision").bounding_box()
+    line = float(page.evaluate("parseFloat(getComputedStyle(document.getElementById('decision')).lineHeight)"))
+    assert decision["width"] > 250 and decision["height"] <= 4 * line
+    # Findings beyond the two labels are recorded (the study is read) without an outcome.
+    page.check('input[name=finding][value="poor quality"]')
+    page.click("form.feedback-form button[type=submit]:not([name])")
+    page.wait_for_url(f"{base}/studies/{site.flagged}?saved=1#feedback")
+    assert "poor quality" in page.locator("#recorded-finding").inner_text()
+    assert page.locator("#outcome").count() == 0
+    context.close()
+    assert problems == []

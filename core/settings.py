@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 8000
     refresh_seconds: int = 5
+    # A study page open elsewhere shows as "open by X" until its page has not checked in for this long.
+    reading_claim_seconds: int = 120
     # Every list is paged (issue 9): rows per page by default, and the most a client may ask for.
     page_size: int = 50
     max_page_size: int = 200

@@ -306,3 +306,28 @@ def test_phone_layout_and_other_findings(server, browser):  # noqa: F811
     assert page.locator("#outcome").count() == 0
     context.close()
     assert problems == []
+
+
+def test_being_read_by_shows_to_a_second_user(server, browser):  # noqa: F811
+    site, base, _ = server
+    problems: list[str] = []
+    nurse = new_page(browser, problems)
+    sign_in(nurse, base, "nurse.nina")
+    doctor = new_page(browser, problems)
+    sign_in(doctor, base, "dr.browser", f"/studies/{site.flagged}")
+    # The nurse's worklist shows the doctor's open study at its next update, without a reload.
+    badge = f'#body-unread tr[data-study-id="{site.flagged}"] .badge-reading'
+    nurse.wait_for_selector(badge, timeout=15_000)
+    assert nurse.locator(badge).inner_text().startswith("Open by dr.browser for")
+    nurse.click(f'#body-unread tr[data-study-id="{site.flagged}"] td.study a')
+    nurse.wait_for_url(f"{base}/studies/{site.flagged}")
+    assert "Also open by dr.browser" in nurse.locator("#readers").inner_text()
+    # The doctor's open page learns of the nurse by itself, and can still record the finding.
+    doctor.wait_for_function("() => document.getElementById('readers').textContent.includes('nurse.nina')",
+                             timeout=15_000)
+    doctor.keyboard.press("n")
+    doctor.wait_for_url(f"**after={site.flagged}")
+    with session_scope(site.settings.database_url) as s:
+        assert repo.get_study(s, study_id=site.flagged).finding == "normal"
+    absent = {f"404 {base}/studies/{site.overdue}/image", f"404 {base}/studies/{site.overdue}/heatmap.png"}
+    assert [p for p in problems if p not in absent and "404 (Not Found)" not in p] == []

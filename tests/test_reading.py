@@ -181,3 +181,42 @@ def test_other_findings_are_recorded_but_never_labels(client, admin_client, site
     path.write_text(csv_text.replace("poor quality", "maybe"))
     with pytest.raises(FeedbackFormatError, match="'maybe'"):
         read_feedback_csv(path)
+
+
+def test_soft_reading_marks_show_to_others_expire_and_never_block(client, site):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from core import reading
+    from tests.test_web import sign_in
+    from web.app import create_app
+
+    add_user(site.settings, "nina", "nurse")
+    with TestClient(create_app(site.settings)) as nurse:
+        sign_in(nurse, "nina")
+        assert "Open by" not in nurse.get("/").text
+        assert client.get(f"/studies/{site.flagged}").status_code == 200  # the doctor opens the study
+        row = re.search(rf'<tr[^>]*data-study-id="{site.flagged}".*?</tr>', nurse.get("/").text, re.S).group(0)
+        assert "Open by grey for under a minute" in row
+        page = nurse.get(f"/studies/{site.flagged}").text
+        assert "Also open by grey" in page
+        # The doctor does not see their own mark; the nurse's opening shows to the doctor.
+        assert "Also open by nina" in client.get(f"/studies/{site.flagged}/reading").text
+        assert "Open by grey" not in client.get("/").text
+        # Never a lock: the nurse's mark does not stop the doctor recording the finding.
+        r = post_form(client, f"/studies/{site.flagged}/feedback", {"finding": "normal"}, follow_redirects=False)
+        assert r.status_code == 303
+    with session_scope(site.settings.database_url) as s:
+        grey = auth.get_user(s, name="grey")
+        later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=site.settings.reading_claim_seconds + 1)
+        assert reading.readers(s, study_ids=[site.flagged], expire_seconds=site.settings.reading_claim_seconds,
+                               now=later) == {}  # expired: nobody shows
+        # Refreshed after expiring, a mark starts its time afresh; while fresh it keeps it.
+        reading.mark_open(s, study_id=site.flagged, user_id=grey.id, user_name="grey",
+                          expire_seconds=site.settings.reading_claim_seconds, now=later)
+        five = later + dt.timedelta(minutes=1, seconds=30)
+        reading.mark_open(s, study_id=site.flagged, user_id=grey.id, user_name="grey",
+                          expire_seconds=site.settings.reading_claim_seconds, now=five)
+        found = reading.readers(s, study_ids=[site.flagged], expire_seconds=site.settings.reading_claim_seconds,
+                                now=five)[site.flagged]
+        assert [(r.user_name, r.minutes) for r in found if r.user_name == "grey"] == [("grey", 1)]
+        assert reading.prune(s, expire_seconds=60, now=five + dt.timedelta(days=2)) == 2

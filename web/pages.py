@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from core import reading
 from core import repository as repo
 from core import worklist as wl
 from core.cursor import BadCursor
@@ -21,7 +22,7 @@ from core.models import Status, utcnow
 from core.repository import FINDINGS
 from core.worklist_entries import Section
 from core.worklist_filter import MODALITIES, SORTS, Filters, filtered
-from web.access import DOCTOR_POST, NURSE, Doctor
+from web.access import DOCTOR_POST, NURSE, Doctor, Nurse
 from web.api import record_finding
 from web.deps import SessionDep, SettingsDep, StudyDep
 from web.files import NotServable, film_png, heatmap_rgba_png
@@ -95,8 +96,21 @@ def _listed(session, settings, found: Listing, cursor: str | None, now) -> Secti
                     limit=settings.page_size, cursor=cursor, now=now)
 
 
+def row_readers(session, settings, sections, *, viewer_id: int | None) -> dict[int, list]:
+    """Who else has each listed row's study open (any of its images), by the row's lead image id."""
+    entries = [e for sec in sections for e in sec.entries]
+    marks = reading.readers(session, study_ids=[i.id for e in entries for i in (e.images or (e.study,))],
+                            expire_seconds=settings.reading_claim_seconds, exclude_user_id=viewer_id)
+    out = {}
+    for e in entries:
+        found = [r for i in (e.images or (e.study,)) for r in marks.get(i.id, [])]
+        if found:
+            out[e.study.id] = sorted({r.user_name: r for r in found}.values(), key=lambda r: r.opened_at)
+    return out
+
+
 def worklist_context(session, settings, view: str, *, paged: str | None = None, cursor: str | None = None,
-                     found: Listing | None = None) -> dict:
+                     found: Listing | None = None, viewer_id: int | None = None) -> dict:
     """Collects one page of each section of a view (the page `cursor` names for section `paged`, the first page
     of the others) and the status strip, all as of one instant, counting everything once; with a search or
     filters (`found`), one page of that listing instead of the sections."""
@@ -119,6 +133,7 @@ def worklist_context(session, settings, view: str, *, paged: str | None = None, 
     base = {"view": view, **found.params}
     query = urlencode({**base, **({"section": paged or sections[0].name, "cursor": cursor} if cursor else {})})
     return {"view": view, "sections": sections, "strip": strip, "refresh_seconds": settings.refresh_seconds,
+            "readers": row_readers(session, settings, sections, viewer_id=viewer_id),
             "max_wait_minutes": settings.max_wait_minutes, "poll_query": query, "listing": found,
             "list_query": urlencode(base), "sorts": SORTS, "modalities": MODALITIES}
 
@@ -131,7 +146,8 @@ def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, 
     """Shows the worklist (default) or the read studies, one page per section ("Next" pages on), or one page of
     a search or filtered and sorted listing. `after` names the study a finding was just recorded on when no
     unread study was left to go on to."""
-    context = worklist_context(session, settings, view, paged=section, cursor=cursor, found=found)
+    context = worklist_context(session, settings, view, paged=section, cursor=cursor, found=found,
+                               viewer_id=_viewer_id(request))
     context["after"] = after
     context["monitor_alerts"] = admin_alerts(request, session, settings)  # the admins' banner (issue 10)
     return templates.TemplateResponse(request, "worklist.html", context)
@@ -152,7 +168,8 @@ def worklist_fragment(request: Request, session: SessionDep, settings: SettingsD
     """Returns only the table bodies, counts and status strip of the page shown (triage sections, or the
     search or filtered listing), swapped in place by the polling page; answers 304 (no body) when nothing
     changed since the version (ETag) the poller has."""
-    context = worklist_context(session, settings, view, paged=section, cursor=cursor, found=found)
+    context = worklist_context(session, settings, view, paged=section, cursor=cursor, found=found,
+                               viewer_id=_viewer_id(request))
     response = templates.TemplateResponse(request, "_worklist_fragment.html", context,
                                           headers={"Cache-Control": "no-store"})
     etag = '"' + hashlib.sha256(_CLOCK.sub(b"", response.body)).hexdigest()[:32] + '"'
@@ -173,16 +190,47 @@ def study_context(session, settings, study, **extra) -> dict:
             "study_risk": max((i.score for i in images if i.status == Status.SCORED), default=None),
             "refresh_seconds": settings.refresh_seconds, "max_wait_minutes": settings.max_wait_minutes,
             "findings": FINDINGS, "form": {"finding": None, "comment": ""}, "error": None, "after": None,
+            "others": [],
             **extra}
 
 
 @router.get("/studies/{study_id:int}", dependencies=NURSE)
-def study_page(request: Request, study: StudyDep, session: SessionDep, settings: SettingsDep,
+def study_page(request: Request, user: Nurse, study: StudyDep, session: SessionDep, settings: SettingsDep,
                saved: Annotated[bool, Query()] = False, after: Annotated[int | None, Query(ge=1)] = None):
-    """Shows one study: film, heat-map overlay, score, threshold, decision, what-if and feedback. `after` names
-    the study whose finding was just recorded before moving on to this one."""
+    """Shows one study: film, heat-map overlay, score, threshold, decision, what-if and feedback, and who else
+    has it open (opening it marks it open by this user, softly: it never blocks anyone). `after` names the
+    study whose finding was just recorded before moving on to this one."""
+    if request.headers.get("HX-Request") != "true":  # the in-progress page's own refresh is not an opening
+        reading.mark_open(session, study_id=study.id, user_id=user.id, user_name=user.name,
+                          expire_seconds=settings.reading_claim_seconds)
+        session.commit()
     return templates.TemplateResponse(request, "study.html",
-                                      study_context(session, settings, study, saved=saved, after=after))
+                                      study_context(session, settings, study, saved=saved, after=after,
+                                                    others=_others(session, settings, study, user)))
+
+
+def _viewer_id(request: Request) -> int | None:
+    user = getattr(request.state, "user", None)
+    return user.id if user is not None else None
+
+
+def _others(session, settings, study, user) -> list:
+    marks = reading.readers(session, study_ids=[study.id], expire_seconds=settings.reading_claim_seconds,
+                            exclude_user_id=user.id)
+    return marks.get(study.id, [])
+
+
+@router.get("/studies/{study_id:int}/reading", dependencies=NURSE)
+def study_reading(request: Request, user: Nurse, study: StudyDep, session: SessionDep, settings: SettingsDep):
+    """Keeps this user's "open" mark on the study fresh (the open study page calls it every few seconds; a
+    page that stops calling lets it expire) and returns who else has the study open."""
+    reading.mark_open(session, study_id=study.id, user_id=user.id, user_name=user.name,
+                      expire_seconds=settings.reading_claim_seconds)
+    session.commit()
+    return templates.TemplateResponse(request, "_readers.html",
+                                      {"study": study, "others": _others(session, settings, study, user),
+                                       "refresh_seconds": settings.refresh_seconds},
+                                      headers={"Cache-Control": "no-store"})
 
 
 def next_unread(session, settings) -> int | None:

@@ -26,6 +26,7 @@ from core.pipeline import process_studies
 from core.scoring import score_images
 from tests.conftest import fixture_images, make_bundle
 from tests.test_web import HTML, add_user, archive, csrf_token, settings_for, sign_in
+from training import shift
 from training.ood import fit_gaussians, joint_threshold, variant
 from training.ood_families import FAMILIES, synthesise
 from web.app import create_app
@@ -88,6 +89,12 @@ def test_shipped_bundle_records_the_guard_and_its_figures_without_touching_the_w
     assert not any(ev["families"][name]["seen_in_fit"] for name in FAMILIES)  # held-out families
     assert "## Out-of-distribution guard" in open(f"{SHIPPED}/report/README.md").read()
     assert shipped.ood is not None and shipped.ood.threshold == meta["ood"]["threshold"]
+    # Real films under the shift suite: figures recorded per perturbation; at least two families held out of the fit.
+    sf = ev["shift_false_refusal"]
+    assert set(sf) == set(shift.BY_NAME)
+    assert len({r["family"] for r in sf.values() if not r["fitted"]}) >= 2
+    assert max(sf[n]["report"] for n in ("pad_0.12", "translate_0.08", "blur_1.5", "jpeg_q20")) <= 0.05
+    assert sf["collimation"]["report"] <= 0.10 and sf["noise_12"]["report"] <= 0.10
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -110,6 +117,28 @@ def test_shipped_guard_accepts_real_films_and_refuses_them_rotated_or_inverted(s
         turned = [Image.fromarray(a) for a in variant(arrays, k)]
         results = score_images(shipped, turned)
         assert all(r.refusal is not None and not r.flagged for r in results), (name, [r.orientation for r in results])
+
+
+@pytest.mark.parametrize("perturbation", ["pad_0.12", "collimation", "translate_0.08", "blur_1.5"])
+def test_shipped_guard_accepts_real_films_under_ordinary_acquisition_shifts(shipped, perturbation):
+    # Letterbox padding and bright collimation edges were refused 95-100 % by the clean-only guard; blur is a
+    # shift the guard never saw in its fit. Real chest films acquired so must still be scored.
+    films = [load_grayscale(p) for p in fixture_images()]
+    shifted = [shift.apply(shift.BY_NAME[perturbation], f, seed=0, index=i) for i, f in enumerate(films)]
+    results = score_images(shipped, shifted)
+    assert [r.refusal for r in results] == [None] * len(films), [r.ood_score for r in results]
+    assert all(r.score is not None for r in results)
+
+
+def test_shipped_guard_still_refuses_ct_slices_and_documents_next_to_shifted_films(shipped):
+    rng = np.random.default_rng([7, 2])
+    strange = FAMILIES["ct_slice"](rng, 4) + FAMILIES["document"](rng, 4)
+    films = [shift.apply(shift.BY_NAME["collimation"], load_grayscale(p), seed=1, index=i)
+             for i, p in enumerate(fixture_images())]
+    results = score_images(shipped, strange + films)
+    assert all(r.refusal and "out of distribution" in r.refusal and not r.flagged for r in results[:8])
+    assert [r.refusal for r in results[8:]] == [None] * len(films)
+    assert min(r.ood_score for r in results[:8]) > shipped.ood.threshold > max(r.ood_score for r in results[8:])
 
 
 def test_guard_scores_are_deterministic(shipped):

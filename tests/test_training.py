@@ -72,6 +72,7 @@ def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_pa
     from training.selection import EpochScore, best_of
     last = [EpochScore(r["epoch"], r["shift_mean_roc_auc"], r["val_roc_auc"]) for r in log[1:]]
     assert log[-1]["best"] == best_of(last).epoch
+    assert meta["training"]["best_epoch"] == log[-1]["best"]  # the bundle names the weights it ships
     kept = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     from core.bundle import load_network
     shipped = load_network(bundle).state_dict()
@@ -83,6 +84,8 @@ def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_pa
     assert (bundle / "report" / "README.md").exists() and (bundle / "report" / "roc.png").exists()
     # finalize fits the OOD guard too: statistics file, threshold, figures per family, report section.
     assert (bundle / meta["ood"]["file"]).is_file() and len(meta["ood"]["evaluation"]["families"]) == 12
+    from training.shift import PERTURBATIONS
+    assert set(meta["ood"]["evaluation"]["shift_false_refusal"]) == {p.name for p in PERTURBATIONS}
     assert "## Out-of-distribution guard" in (bundle / "report" / "README.md").read_text()
 
     films = [str(p) for p in fixture_images()[:2]]

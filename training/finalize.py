@@ -131,7 +131,7 @@ def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivit
     precision.prepare(net, torch.device("cpu"), mode)
     meta["ood"] = install_guard(bundle_dir, net, mode, x_train=cache_images(splits["train"], run_dir / "cache_train.npy"),
                                 y_train=np.array([it.label for it in splits["train"]]), x_cal=x_val[:n_cal],
-                                x_rep=x_val[n_cal:], n_per_family=ood_per_family)
+                                x_rep=x_val[n_cal:], items=splits, n_per_family=ood_per_family)
     write_meta(bundle_dir, meta)
     (bundle_dir / "split.csv").write_bytes((run_dir / "split.csv").read_bytes())
     (bundle_dir / "train_log.jsonl").write_bytes((run_dir / "train_log.jsonl").read_bytes())

@@ -2,7 +2,8 @@
 
 Reads top to bottom: embeddings (cached) → Gaussians with shrinkage → orientation probe → energy weight →
 thresholds on the calibration half of validation → tensors + JSON for the bundle. Only in-distribution
-films and synthetic rotations/inversions of chest films are used here; the non-chest families of the OOD
+films (clean, and under a few shift-suite perturbations: training.ood_shift) and synthetic rotations/inversions
+of chest films are used here; the non-chest families of the OOD
 evaluation set (training/ood_eval.py) are never seen by the fit, so their figures measure generalisation.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from core import precision
 from core.ood import ORIENTATIONS, combined_score, energy, mahalanobis, orientation_probs
+from training.ood_shift import GUARD_FIT_PERTURBATIONS, MAX_SHIFT_FALSE_REFUSAL, NOTES as SHIFT_NOTES
 
 log = logging.getLogger(__name__)
 
@@ -116,21 +118,30 @@ def joint_threshold(scores: np.ndarray, refused_otherwise: np.ndarray, budget: f
     return float(free[min(allowed, len(free) - 1)])
 
 
-def fit_guard(e: dict[str, np.ndarray], train_labels: np.ndarray) -> tuple[dict[str, torch.Tensor], dict]:
+def fit_guard(e: dict[str, np.ndarray], train_labels: np.ndarray,
+              shifted: dict[str, np.ndarray] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Fits the guard from collect_embeddings' output; returns (tensors, JSON meta without file/sha).
 
-    Thresholds are picked on the calibration half of validation (upright, real films) so that each check
-    refuses at most half of MAX_FALSE_REFUSAL of them; the report half is left to measure the rate.
+    `shifted` (training.ood_shift.collect_shift_embeddings) adds training films under the fitted shift-suite
+    perturbations to the Gaussians and to the probe's upright class, and its calibration-half films under those
+    perturbations to the threshold rule: real chest films acquired differently are in distribution. Thresholds
+    are picked on the calibration half only; the report half is left to measure the rates.
     """
-    means, prec, shrinkage = fit_gaussians(e["train_emb"], train_labels)
+    fit_emb, fit_logit, fit_labels = e["train_emb"], e["train_logit"], np.asarray(train_labels)
+    upright = e["train_emb"][e["probe_idx"]]
+    if shifted is not None:
+        fit_emb = np.concatenate([fit_emb, shifted["aug_emb"]])
+        fit_logit = np.concatenate([fit_logit, shifted["aug_logit"]])
+        fit_labels = np.concatenate([fit_labels, shifted["aug_label"]])
+        upright = np.concatenate([upright, shifted["aug_emb"]])
+    means, prec, shrinkage = fit_gaussians(fit_emb, fit_labels)
     emb_mean = e["train_emb"].mean(axis=0)
     emb_scale = e["train_emb"].std(axis=0) + 1e-3
-    w, b = fit_probe([e["train_emb"][e["probe_idx"]]] + [e[f"probe{k}_emb"] for k in range(1, len(ORIENTATIONS))],
-                     emb_mean, emb_scale)
+    w, b = fit_probe([upright] + [e[f"probe{k}_emb"] for k in range(1, len(ORIENTATIONS))], emb_mean, emb_scale)
     tensors = {"class_means": _t(means), "precision": _t(prec), "emb_mean": _t(emb_mean),
                "emb_scale": _t(emb_scale), "probe_weight": _t(w), "probe_bias": _t(b)}
-    d_train = mahalanobis(_t(e["train_emb"]), tensors["class_means"], tensors["precision"]).numpy()
-    en_train = energy(_t(e["train_logit"])).numpy()
+    d_train = mahalanobis(_t(fit_emb), tensors["class_means"], tensors["precision"]).numpy()
+    en_train = energy(_t(fit_logit)).numpy()
     base = {"distance_mean": float(d_train.mean()), "distance_std": float(d_train.std()),
             "energy_mean": float(en_train.mean()), "energy_std": float(en_train.std() + 1e-6)}
     # The energy weight is chosen on seen families only (rotated/inverted calibration films), never on the
@@ -150,14 +161,30 @@ def fit_guard(e: dict[str, np.ndarray], train_labels: np.ndarray) -> tuple[dict[
     upright_min = float(min(0.5, np.quantile(p_up, budget)))
     threshold = joint_threshold(guard_scores(tensors, norm, e["cal_emb"], e["cal_logit"]),
                                 (p_up < upright_min) & (top != 0))
+    rule = (f"lowest score threshold keeping the calibration half's refusals (OOD or orientation) "
+            f"<= {MAX_FALSE_REFUSAL:.0%}")
+    if shifted is not None:
+        s_emb = np.concatenate([shifted[f"cal:{n}:emb"] for n in GUARD_FIT_PERTURBATIONS])
+        s_logit = np.concatenate([shifted[f"cal:{n}:logit"] for n in GUARD_FIT_PERTURBATIONS])
+        sp_up, s_top = upright_prob(tensors, s_emb)
+        # Both budgets must hold, so the higher (more accepting) of the two thresholds is kept.
+        threshold = max(threshold, joint_threshold(guard_scores(tensors, norm, s_emb, s_logit),
+                                                   (sp_up < upright_min) & (s_top != 0), MAX_SHIFT_FALSE_REFUSAL))
+        rule += (f", and those of its films under the fitted shift-suite perturbations "
+                 f"({', '.join(GUARD_FIT_PERTURBATIONS)};"
+                 f" pooled) <= {MAX_SHIFT_FALSE_REFUSAL:.0%}")
     meta = {"score": "Mahalanobis distance of pooled features.norm5 to class means (shared Ledoit-Wolf covariance), "
                      "standardised, plus energy_weight x standardised energy",
             "embedding": "features.norm5, ReLU, global average pool (1024)", "fitted_on": "training split",
             "n_train": int(len(train_labels)), "shrinkage": shrinkage, "norm": norm,
+            "shift_fit": None if shifted is None else {
+                "perturbations": list(GUARD_FIT_PERTURBATIONS), "n_films": int(len(shifted["aug_label"])),
+                "rule": "training films under these shift-suite perturbations join the class Gaussians and the "
+                        "probe's upright class; every other perturbation is held out of the guard's fit"},
+            **({"notes": SHIFT_NOTES} if shifted is not None else {}),
             "energy_weight_selection": {str(k): v for k, v in aurocs.items()},
             "threshold": threshold,
-            "threshold_rule": f"lowest score threshold keeping the calibration half's refusals (OOD or orientation) "
-                              f"<= {MAX_FALSE_REFUSAL:.0%}",
+            "threshold_rule": rule,
             "orientation": {"labels": list(ORIENTATIONS), "upright_min": upright_min,
                             "rule": f"refuse when argmax is not upright and P(upright) < upright_min "
                                     f"(calibration-half quantile {budget}, at most 0.5)",

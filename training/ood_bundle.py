@@ -18,17 +18,26 @@ from core.bundle import bf16_allowed, load_network, read_meta, write_meta
 from core.ood import ORIENTATIONS, OodGuard, save_guard
 from training.ood import collect_embeddings, embed, fit_guard
 from training.ood_eval import evaluate_guard, replace_section, report_section
+from training.ood_shift import collect_shift_embeddings, shift_refusals
 
 log = logging.getLogger(__name__)
 
 
 def install_guard(bundle_dir: Path, net, mode: str, *, x_train: np.ndarray, y_train: np.ndarray, x_cal: np.ndarray,
-                  x_rep: np.ndarray, cache: Path | None = None, n_per_family: int = 60) -> dict:
-    """Fits the guard on training films, evaluates it, writes ood.safetensors; returns bundle.json's "ood" dict."""
-    e = collect_embeddings(net, x_train, x_cal, x_rep, mode, cache=cache)
-    tensors, meta = fit_guard(e, y_train)
-    guard = OodGuard(tensors, meta)
+                  x_rep: np.ndarray, items: dict[str, list] | None = None, cache: Path | None = None,
+                  shift_cache: Path | None = None, n_per_family: int = 60) -> dict:
+    """Fits the guard on training films, evaluates it, writes ood.safetensors; returns bundle.json's "ood" dict.
+
+    `items` (the split's "train", "calibration", "report" items, same order as the arrays) lets the guard learn
+    and be measured on films under shift-suite perturbations (training.ood_shift), which act on the decoded film.
+    """
     embedder = partial(embed, net, mode=mode)
+    e = collect_embeddings(net, x_train, x_cal, x_rep, mode, cache=cache)
+    shifted = None if items is None else collect_shift_embeddings(
+        embedder, train_items=items["train"], cal_items=items["calibration"], rep_items=items["report"],
+        cache=shift_cache)
+    tensors, meta = fit_guard(e, y_train, shifted)
+    guard = OodGuard(tensors, meta)
     # Rotated/inverted families for the figures come from the report half (the threshold used the calibration
     # half); the probe learnt these kinds from other, training films.
     rotated = {ORIENTATIONS[k]: (e[f"repv{k}_logit"], e[f"repv{k}_emb"]) for k in range(1, len(ORIENTATIONS))}
@@ -36,6 +45,8 @@ def install_guard(bundle_dir: Path, net, mode: str, *, x_train: np.ndarray, y_tr
         guard, embedder, n_per_family=n_per_family, rotated=rotated,
         val_in={"calibration half (threshold chosen here)": (e["cal_logit"], e["cal_emb"]),
                 "report half": (e["rep_logit"], e["rep_emb"])})
+    if shifted is not None:
+        meta["evaluation"]["shift_false_refusal"] = shift_refusals(guard, shifted)
     meta["embedding_precision"] = mode
     return save_guard(bundle_dir, tensors, meta)
 
@@ -68,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
                         y_train=np.array([it.label for it in splits["train"]]),
                         x_cal=cache_images(splits["calibration"], args.cache / "cache_cal.npy"),
                         x_rep=cache_images(splits["report"], args.cache / "cache_rep.npy"),
-                        cache=args.cache / "embeddings.npz")
+                        items=splits, cache=args.cache / "embeddings.npz",
+                        shift_cache=args.cache / "shift_embeddings.npz")
     meta = read_meta(args.bundle)  # read again: others may have added sections while the guard was fitted
     meta["ood"] = ood
     write_meta(args.bundle, meta)

@@ -17,6 +17,7 @@ from core.ood import ORIENTATIONS, OodGuard
 from core.preprocess import resize_gray
 from training.ood import variant
 from training.ood_families import FAMILIES, synthesise
+from training.ood_shift import shift_table
 
 SECTION = "## Out-of-distribution guard"
 ROTATION_FAMILIES = {k: name for k, name in enumerate(ORIENTATIONS) if k}
@@ -89,8 +90,8 @@ Films the model was not built for are refused as "not a frontal chest film (out 
 Score: {ood['score']}; fitted on {ood['n_train']} training films (shrinkage {ood['shrinkage']:.3f}, energy weight
 {ood['norm']['energy_weight']}). Threshold {ood['threshold']:.3f} ({ood['threshold_rule']}). Orientation/polarity: a
 linear probe on the same embedding, trained on rotations/inversions of {ood['orientation']['probe_films']} training
-films; {ood['orientation']['rule']} (upright_min {ood['orientation']['upright_min']:.4f}). Such films are refused with
-the reason, not corrected silently. The synthetic families below were never seen by any fit.
+films{_shift_fit(ood)}; {ood['orientation']['rule']} (upright_min {ood['orientation']['upright_min']:.4f}). Such films
+are refused with the reason, not corrected silently. The synthetic families below were never seen by any fit.
 
 AUROC of the OOD score, validation films vs all OOD families: **{ev['auroc_ood_score']:.4f}**.
 
@@ -101,7 +102,16 @@ AUROC of the OOD score, validation films vs all OOD families: **{ev['auroc_ood_s
 | real validation films | n | refused (false refusals) |
 |---|---|---|
 {fr}
-""" + (f"\nNote: {ood['notes']}\n" if ood.get("notes") else "")
+""" + shift_table(ood) + (f"\nNote: {ood['notes']}\n" if ood.get("notes") else "")
+
+
+def _shift_fit(ood: dict) -> str:
+    """The report's words for the shift-augmented fit (training.ood_shift), empty for a clean-only guard."""
+    fit = ood.get("shift_fit")
+    if not fit:
+        return ""
+    return (f"; the Gaussians and the probe's upright class also hold {fit['n_films']} training films under "
+            f"{', '.join(fit['perturbations'])} (shift suite), the other perturbations are held out of the fit")
 
 
 def replace_section(readme: Path, section: str) -> None:

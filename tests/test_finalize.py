@@ -12,8 +12,8 @@ def row(epoch: int, auc: float, best: int | None, **extra) -> dict:
 
 
 def shifted(epoch: int, auc: float, best: int, mean: float) -> dict:
-    return row(epoch, auc, best, shift_mean_roc_auc=mean, shift_worst={"perturbation": "zoom_0.8", "roc_auc": mean - 0.01},
-               shift_held_out_mean=mean + 0.001)
+    return row(epoch, auc, best, shift_mean_roc_auc=mean, shift_held_out_mean=mean + 0.001,
+               shift_worst={"perturbation": "zoom_0.8", "roc_auc": mean - 0.01})
 
 
 def test_best_epoch_is_the_one_the_selection_rule_kept_not_the_highest_clean_auc():

@@ -30,6 +30,7 @@ def mark_open(session: Session, *, study_id: int, user_id: int, user_name: str, 
     claim = session.scalar(select(ReadingClaim).where(ReadingClaim.study_id == study_id,
                                                       ReadingClaim.user_id == user_id))
     if claim is None:
+        prune(session, expire_seconds=expire_seconds, now=now)  # new marks clear out long-dead ones (an index range)
         try:
             with session.begin_nested():  # two tabs of one user opening at once: the second refreshes
                 session.add(ReadingClaim(study_id=study_id, user_id=user_id, user_name=user_name, opened_at=now,

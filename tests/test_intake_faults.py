@@ -105,9 +105,9 @@ def test_a_sender_resuming_after_the_claim_gets_its_whole_film_archived_under_th
     sender = SlowSender(path, data)
     real = ingest.header_identity
 
-    def resume_while_hashing(staged):
+    def resume_while_hashing(staged, **kw):
         sender.resume()  # after the stability wait, the claim and the first full read
-        return real(staged)
+        return real(staged, **kw)
 
     monkeypatch.setattr(ingest, "header_identity", resume_while_hashing)
     try:

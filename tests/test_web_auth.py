@@ -153,6 +153,14 @@ EXPECTED = {
     ("POST", "/admin/users/{name}/enable"): "admin",
     ("GET", "/admin/audit"): "admin",
     ("GET", "/admin/audit.csv"): "admin",
+    ("GET", "/admin/performance"): "doctor",
+    ("GET", "/admin/performance.csv"): "doctor",
+    ("GET", "/admin/performance/reliability.png"): "doctor",
+    ("GET", "/admin/performance/scores.png"): "doctor",
+    ("POST", "/admin/performance/recalibrate/preview"): "admin",
+    ("GET", "/admin/performance/recalibrate/reliability.png"): "admin",
+    ("POST", "/admin/performance/recalibrate/activate"): "admin",
+    ("POST", "/studies/{study_id:int}/score-anyway"): "admin",
     ("POST", "/logout"): "nurse",  # last: it ends the session of the client that calls it
 }
 
@@ -192,6 +200,20 @@ def route_requests(site: AuthSite) -> dict[tuple[str, str], Callable[[int], tupl
         ("POST", "/admin/users/{name}/enable"): lambda n: ("/admin/users/zed/enable", {"data": {}}, 303),
         ("GET", "/admin/audit"): lambda n: ("/admin/audit?action=login_success&page=1", {}, 200),
         ("GET", "/admin/audit.csv"): lambda n: ("/admin/audit.csv", {}, 200),
+        ("GET", "/admin/performance"): lambda n: ("/admin/performance", {}, 200),
+        ("GET", "/admin/performance.csv"): lambda n: ("/admin/performance.csv", {}, 200),
+        ("GET", "/admin/performance/reliability.png"): lambda n: ("/admin/performance/reliability.png", {}, 200),
+        # The test bundle stores no reference score distribution: nothing to draw.
+        ("GET", "/admin/performance/scores.png"): lambda n: ("/admin/performance/scores.png", {}, 404),
+        # This site has too few reviewed cases to recalibrate: past the access rule, the refusal is the answer.
+        ("POST", "/admin/performance/recalibrate/preview"): lambda n: (
+            "/admin/performance/recalibrate/preview", {"data": {"window": "last", "last": "300"}}, 422),
+        ("GET", "/admin/performance/recalibrate/reliability.png"): lambda n: (
+            "/admin/performance/recalibrate/reliability.png?window=last&last=300", {}, 422),
+        ("POST", "/admin/performance/recalibrate/activate"): lambda n: (
+            "/admin/performance/recalibrate/activate", {"data": {"expected": "x", "confirm": "yes"}}, 422),
+        # Only a study the image guard refused can be scored anyway; a scored one is a conflict.
+        ("POST", "/studies/{study_id:int}/score-anyway"): lambda n: (f"/studies/{sid}/score-anyway", {"data": {}}, 409),
         ("POST", "/logout"): lambda n: ("/logout", {"data": {}}, 303),
     }
 

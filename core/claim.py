@@ -12,6 +12,7 @@ never followed) and checked with fstat (pipes, sockets and devices are refused),
 """
 from __future__ import annotations
 
+import fcntl
 import errno
 import hashlib
 import os
@@ -250,3 +251,27 @@ def remove_claimed(claimed: Path, fd: int | None = None) -> None:
         if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
             raise OSError(f"claimed file {claimed} was replaced; not removed")
     claimed.unlink(missing_ok=True)
+
+
+def writer_open(fd: int) -> bool:
+    """Tells whether any process still has the file open for writing (Linux: a read lease is refused then).
+
+    A sender that pauses longer than the stability wait looks finished by size and time alone; removing the
+    claimed file then would leave its remaining writes in an unlinked inode. False where leases are not
+    supported (another OS or file system): the stability wait is all there is.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EBUSY)
+    except AttributeError:  # no F_SETLEASE on this platform
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+def wait_writers_closed(fd: int, seconds: float, *, stop: threading.Event | None = None) -> None:
+    """Waits (at most `seconds`) until no process has the claimed file open for writing."""
+    deadline = time.monotonic() + seconds
+    while writer_open(fd) and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        time.sleep(0.05)

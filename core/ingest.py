@@ -146,6 +146,8 @@ def _ingest_claimed(claimed: Path, *, settings: Settings, enqueue: Enqueue,
                      archived.sha[:12])
             if status == Status.QUEUED:
                 send(study_id, settings=settings, enqueue=enqueue)
+            # A sender that paused past the stability wait may still hold the file: let it finish first.
+            claim.wait_writers_closed(fd, settings.writer_grace_seconds, stop=stop)
             if claim.signature(fd) == archived.signature:
                 break
             # A sender still holding the file open wrote more after the recorded copy was taken: keep the

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     monitor_drift_days: int = 30
     max_wait_minutes: int = 60  # a study unread this long is overdue and rises above unflagged studies
     stable_seconds: float = 1.0  # a file's size must stay unchanged this long before it is read
+    # After recording a film, wait up to this long for a sender still holding it open for writing to close it.
+    writer_grace_seconds: float = 10.0
     requeue_after_seconds: int = 300  # a study is re-sent at most once per period, if lost (core.staleness)
     worker_heartbeat_seconds: int = 10
     worker_alive_seconds: int = 60

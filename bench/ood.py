@@ -19,10 +19,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from core import precision  # noqa: E402
-from core.bundle import load_bundle  # noqa: E402
-from core.imaging import load_grayscale  # noqa: E402
-from core.preprocess import preprocess  # noqa: E402
+from core.films.imaging import load_grayscale  # noqa: E402
+from core.ml import precision  # noqa: E402
+from core.ml.bundle import load_bundle  # noqa: E402
+from core.ml.preprocess import preprocess  # noqa: E402
 
 
 def main() -> None:

@@ -29,11 +29,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from core import precision  # noqa: E402
-from core.bundle import bf16_allowed, load_bundle, load_network, read_meta  # noqa: E402
-from core.gradcam import normalize_maps  # noqa: E402
-from core.imaging import load_grayscale  # noqa: E402
-from core.preprocess import preprocess  # noqa: E402
+from core.films.imaging import load_grayscale  # noqa: E402
+from core.ml import precision  # noqa: E402
+from core.ml.bundle import bf16_allowed, load_bundle, load_network, read_meta  # noqa: E402
+from core.ml.gradcam import normalize_maps  # noqa: E402
+from core.ml.preprocess import preprocess  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 

@@ -15,7 +15,7 @@ from sqlalchemy import and_, case, false, func, select, true, update
 from sqlalchemy.orm import Session
 
 from core import audit, worklist_rows
-from core.calibration import CALIBRATORS, calibrator_from_dict
+from core.ml.calibration import CALIBRATORS, calibrator_from_dict
 from core.models import Calibration, Status, Study, WorklistRow, utcnow
 
 THRESHOLD_MARK = "@t"  # versions made by a threshold change: "<base>@t0.3500"
@@ -27,7 +27,7 @@ class CalibrationError(ValueError):
 
 
 class HasVersion(Protocol):
-    """Anything that names a model version (a loaded core.bundle.Bundle); keeps torch out of this module."""
+    """Anything that names a model version (a loaded core.ml.bundle.Bundle); keeps torch out of this module."""
 
     @property
     def version(self) -> str: ...

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import calibrations
-from core.calibration import N_BINS, calibrator_from_dict, expected_calibration_error
+from core.ml.calibration import N_BINS, calibrator_from_dict, expected_calibration_error
 from core.models import Study, utcnow
 from core.repository import LABELS
 

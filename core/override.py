@@ -5,8 +5,8 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from core import audit
+from core.ml.ood import REFUSAL_PREFIX
 from core.models import Status, Study
-from core.ood import REFUSAL_PREFIX
 
 
 class OverrideError(ValueError):

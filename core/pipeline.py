@@ -9,15 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import calibrations, staleness
+from core import calibrations
 from core import repository as repo
-from core.bundle import Bundle
-from core.calibration import calibrator_from_dict
 from core.db import session_scope
-from core.dicom import FilmRefused
-from core.gradcam import heatmap_png
-from core.imaging import ImageRejected, load_grayscale
-from core.scoring import score_images
+from core.films.errors import FilmRefused, ImageRejected
+from core.films.imaging import load_grayscale
+from core.intake import staleness
+from core.ml.bundle import Bundle
+from core.ml.calibration import calibrator_from_dict
+from core.ml.gradcam import heatmap_png
+from core.ml.scoring import score_images
 from core.models import utcnow
 from core.settings import Settings
 

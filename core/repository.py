@@ -17,7 +17,7 @@ from core.models import Status, Study, WorkerHeartbeat, utcnow
 LABELS = ("pneumonia", "normal")
 OTHER_FINDINGS = ("other abnormality", "indeterminate", "poor quality")
 FINDINGS = LABELS + OTHER_FINDINGS
-# DICOM identity columns of Study; the same names as core.dicom.DicomInfo's fields.
+# DICOM identity columns of Study; the same names as core.films.dicom.DicomInfo's fields.
 IDENTITY_FIELDS = ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
                    "accession_number", "patient_id", "patient_name", "patient_sex", "patient_age", "study_date",
                    "study_time", "modality", "body_part_examined", "view_position")

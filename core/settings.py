@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     stable_seconds: float = 1.0  # a file's size must stay unchanged this long before it is read
     # After recording a film, wait up to this long for a sender still holding it open for writing to close it.
     writer_grace_seconds: float = 10.0
-    requeue_after_seconds: int = 300  # a study is re-sent at most once per period, if lost (core.staleness)
+    requeue_after_seconds: int = 300  # a study is re-sent at most once per period, if lost (core.intake.staleness)
     worker_heartbeat_seconds: int = 10
     worker_alive_seconds: int = 60
     # A claim older than this is re-sent by the stale sweep even though its worker still beats (a hung task).
@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     # Studies scored in one forward pass when a burst is queued; 0 = the best batch measured on this device.
     score_batch_size: int = 0
     # Inference precision: "auto" times each mode this device and bundle allow and keeps the fastest
-    # (core.precision); "fp32", "bf16" (CPU, only if the bundle's check allows), "tf32" or "fp16" (CUDA) force one.
+    # (core.ml.precision); "fp32", "bf16" (CPU, only if the bundle's check allows), "tf32" or "fp16" (CUDA) force one.
     precision: str = "auto"
     task_max_retries: int = 3
     broker_visibility_timeout: int = 600  # Redis: redeliver unacked tasks of a dead worker after this

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.bundle import FORMAT_VERSION, save_weights, write_meta
-from core.model import ARCHITECTURE, build_network
+from core.ml.bundle import FORMAT_VERSION, save_weights, write_meta
+from core.ml.network import ARCHITECTURE, build_network
 
 pytest_plugins = ["tests.migrated_db"]  # db_url / pg_template: a migrated database per test, both backends
 

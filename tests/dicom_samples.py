@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 
-from core.imaging import load_grayscale
+from core.films.imaging import load_grayscale
 
 PATIENT_ID = "PID-0042-TEST"
 PATIENT_NAME = "Testperson^Alice"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from core.claim import CLAIM_DIR
 from core.db import session_scope
-from core.ingest import is_candidate
+from core.intake.claim import CLAIM_DIR
+from core.intake.ingest import is_candidate
 from core.models import Status, Study
 from core.settings import Settings
 from tests.storm_files import Dropper, Entry, make_plan

@@ -11,8 +11,8 @@ from argon2 import PasswordHasher
 from click.testing import CliRunner
 from sqlalchemy import select, text
 
-from cli_accounts import cli_actor
 from cli import main as cli_main
+from cli._common import cli_actor
 from core import audit, auth
 from core.db import session_scope
 from core.models import AuditEvent, LoginAttempt, User

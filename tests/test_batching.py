@@ -15,9 +15,9 @@ from sqlalchemy import select
 
 from core import pipeline
 from core import repository as repo
-from core.bundle import load_bundle
 from core.db import session_scope
-from core.ingest import ingest_file
+from core.intake.ingest import ingest_file
+from core.ml.bundle import load_bundle
 from core.models import Status, Study
 from core.pipeline import process_studies
 from core.settings import Settings

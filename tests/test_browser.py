@@ -15,9 +15,9 @@ import pytest
 import uvicorn
 
 from core import repository as repo
-from core.bundle import load_bundle
 from core.db import get_engine, session_scope
-from core.ingest import ingest_file
+from core.intake.ingest import ingest_file
+from core.ml.bundle import load_bundle
 from core.models import utcnow
 from core.pipeline import process_studies
 from tests.conftest import REQUIRE_SERVICES, make_bundle

@@ -5,7 +5,7 @@ from scipy.special import expit
 from sklearn.calibration import _SigmoidCalibration
 from sklearn.isotonic import IsotonicRegression
 
-from core.calibration import (IsotonicCalibration, PlattScaling, TemperatureScaling, calibrator_from_dict,
+from core.ml.calibration import (IsotonicCalibration, PlattScaling, TemperatureScaling, calibrator_from_dict,
                               calibrator_to_dict, confusion_at, expected_calibration_error, fit_and_select,
                               threshold_for_sensitivity)
 

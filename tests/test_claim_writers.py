@@ -5,7 +5,7 @@ import os
 import threading
 import time
 
-from core import claim
+from core.intake import claim
 
 
 def test_writer_open_tells_a_held_file_from_a_closed_one(tmp_path):

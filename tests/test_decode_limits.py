@@ -12,8 +12,9 @@ from PIL import Image, ImageFile
 from pydicom import uid
 from pydicom.config import disable_value_validation
 
-from core.dicom import header_identity, read_dicom_info
-from core.imaging import ImageRejected, load_grayscale
+from core.films.dicom import header_identity, read_dicom_info
+from core.films.errors import ImageRejected
+from core.films.imaging import load_grayscale
 from tests.conftest import fixture_images
 from tests.dicom_samples import compressed, film, make_dataset, to_bytes
 

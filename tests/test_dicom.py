@@ -13,11 +13,12 @@ from pydicom import uid
 from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 
-from core.bundle import load_bundle
-from core.dicom import DicomInfo, read_dicom, read_dicom_info
-from core.imaging import ImageRejected, load_grayscale
-from core.preprocess import preprocess
-from core.scoring import score_images
+from core.films.dicom import DicomInfo, read_dicom, read_dicom_info
+from core.films.errors import ImageRejected
+from core.films.imaging import load_grayscale
+from core.ml.bundle import load_bundle
+from core.ml.preprocess import preprocess
+from core.ml.scoring import score_images
 from tests.conftest import fixture_images
 from tests.dicom_samples import (ACCESSION, PATIENT_ID, PATIENT_NAME, compressed, film, make_dataset, to_bytes,
                                  with_voi_lut)

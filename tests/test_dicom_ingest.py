@@ -21,16 +21,16 @@ from pydicom import dcmread, uid
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from core import claim
 from core import repository as repo
 from core import worklist as wl
-from core.bundle import load_bundle
 from core.db import get_engine, session_scope
-from core.dicom_listener import start_listener, stop_listener
 from core.feedback import COLUMNS, feedback_csv, read_feedback_csv
-from core.ingest import ingest_file, scan_inbox
-from core.watcher import Ingester
+from core.intake import claim
+from core.intake.dicom_listener import start_listener, stop_listener
+from core.intake.ingest import ingest_file, scan_inbox
+from core.intake.watcher import Ingester
 from core.migrate import alembic_config
+from core.ml.bundle import load_bundle
 from core.models import Status, Study
 from core.pipeline import process_studies
 from core.pseudonym import SALT_FILE, load_salt, patient_key
@@ -251,7 +251,7 @@ def test_concurrent_ingest_of_one_instance_is_resolved_by_the_unique_index(setti
         return None if len(calls) == 1 else real(session, sop_instance_uid=sop_instance_uid)
 
     monkeypatch.setattr(repo, "find_by_sop", late_lookup)
-    caplog.set_level(logging.INFO, logger="core.ingest")
+    caplog.set_level(logging.INFO, logger="core.intake.ingest")
     again = to_bytes(compressed(frontal(0, SOPInstanceUID=ds.SOPInstanceUID), uid.RLELossless))
     ids2, enqueued = drop(settings, {"b.dcm": again})
     assert calls == [ds.SOPInstanceUID] * 2 and enqueued == []

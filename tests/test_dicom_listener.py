@@ -17,14 +17,14 @@ from pydicom import dcmread, uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from core.dicom import header_identity, read_dicom_info
-from core.dicom_listener import (
+from core.films.dicom import header_identity, read_dicom_info
+from core.intake.dicom_listener import (
     OUT_OF_RESOURCES,
     STORAGE_CLASSES,
     start_listener,
     stop_listener,
 )
-from core.imaging import load_grayscale
+from core.films.imaging import load_grayscale
 from core.settings import Settings
 from tests.conftest import fixture_images
 from tests.dicom_samples import (

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from core.bundle import load_bundle
 from core.db import session_scope
-from core.ingest import ingest_file
-from core.watcher import Ingester
+from core.intake.ingest import ingest_file
+from core.intake.watcher import Ingester
+from core.ml.bundle import load_bundle
 from core.models import Status, Study
 from core.pipeline import process_studies
 from core.settings import Settings

@@ -3,10 +3,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.gradcam import forward_with_cam, heatmap_png, normalize_maps
-from core.imaging import load_grayscale
-from core.model import build_network
-from core.preprocess import preprocess
+from core.films.imaging import load_grayscale
+from core.ml.gradcam import forward_with_cam, heatmap_png, normalize_maps
+from core.ml.network import build_network
+from core.ml.preprocess import preprocess
 from tests.conftest import fixture_images
 
 

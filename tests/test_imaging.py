@@ -1,4 +1,4 @@
-"""core.imaging on real fixture films and on the bad inputs a folder of scanner output really contains."""
+"""core.films.imaging on real fixture films and on the bad inputs a folder of scanner output really contains."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.imaging import ImageRejected, load_grayscale
+from core.films.errors import ImageRejected
+from core.films.imaging import load_grayscale
 from tests.conftest import fixture_images
 
 

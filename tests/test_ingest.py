@@ -14,8 +14,8 @@ from sqlalchemy import select, update
 
 from core import repository as repo
 from core.db import session_scope
-from core.ingest import ingest_file, requeue_stale, scan_inbox
-from core.watcher import Ingester
+from core.intake.ingest import ingest_file, requeue_stale, scan_inbox
+from core.intake.watcher import Ingester
 from core.models import Status, Study, utcnow
 from core.settings import Settings
 from tests.conftest import fixture_images

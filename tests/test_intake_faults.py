@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core import claim
-from core import ingest
 from core import repository as repo
-from core.bundle import load_bundle
 from core.db import session_scope
-from core.ingest import ingest_file, scan_inbox
+from core.intake import claim
+from core.intake import ingest
+from core.intake.ingest import ingest_file, scan_inbox
+from core.ml.bundle import load_bundle
 from core.models import Status, Study
 from core.pipeline import process_studies
 from core.settings import Settings

@@ -14,16 +14,16 @@ from PIL import Image
 from sqlalchemy import select
 
 from cli import main
-from core import precision
 from core import repository as repo
-from core.bundle import BundleError, load_bundle, read_meta, weights_sha256, write_meta
 from core.db import get_engine, session_scope
-from core.imaging import load_grayscale
+from core.films.imaging import load_grayscale
 from core.migrate import upgrade
+from core.ml import precision
+from core.ml.bundle import BundleError, load_bundle, read_meta, weights_sha256, write_meta
+from core.ml.ood import OOD_FILE, ORIENTATIONS, energy, mahalanobis, save_guard
+from core.ml.scoring import score_images
 from core.models import AuditEvent, Status
-from core.ood import OOD_FILE, ORIENTATIONS, energy, mahalanobis, save_guard
 from core.pipeline import process_studies
-from core.scoring import score_images
 from tests.conftest import fixture_images, make_bundle
 from tests.test_web import HTML, add_user, archive, csrf_token, settings_for, sign_in
 from training import shift

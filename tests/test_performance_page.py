@@ -16,8 +16,8 @@ from scipy.special import expit
 from sqlalchemy import select
 
 from core import calibrations, monitoring
-from core.calibration import calibrator_from_dict
 from core.db import get_engine, session_scope
+from core.ml.calibration import calibrator_from_dict
 from core.models import AuditEvent, Study, utcnow
 from core.settings import Settings
 from tests.conftest import make_bundle

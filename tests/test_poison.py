@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.db import get_engine
-from core.ingest import ingest_file
+from core.intake.ingest import ingest_file
 from core.migrate import upgrade
 from core.models import Status
 from core.settings import Settings

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from core import precision
-from core.bundle import META_FILE, load_bundle
-from core.imaging import load_grayscale
-from core.scoring import score_images
+from core.films.imaging import load_grayscale
+from core.ml import precision
+from core.ml.bundle import META_FILE, load_bundle
+from core.ml.scoring import score_images
 from tests.conftest import fixture_images
 
 

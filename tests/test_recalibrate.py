@@ -9,10 +9,10 @@ from scipy.special import expit
 from cli import main
 from core import calibrations
 from core import repository as repo
-from core.bundle import load_bundle, read_meta
 from core.db import session_scope
 from core.feedback import COLUMNS, feedback_csv
 from core.migrate import upgrade
+from core.ml.bundle import load_bundle, read_meta
 from core.models import Study
 from core.settings import get_settings
 from training.recalibrate import RecalibrationRefused, recalibrate
@@ -108,7 +108,7 @@ def test_activate_rescored_studies_and_reactivate_previous(bundle_dir, tmp_path,
     result = runner.invoke(main, ["calibration", "activate", str(local)])
     assert result.exit_code == 0, result.output
     assert "3 studies re-scored" in result.output
-    from core.calibration import calibrator_from_dict
+    from core.ml.calibration import calibrator_from_dict
     expected = calibrator_from_dict(new_meta["calibration"]).predict(logits)
     with session_scope(db) as s:
         rows = s.query(Study).order_by(Study.id).all()

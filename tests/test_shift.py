@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import main
-from core.bundle import weights_sha256
-from core.imaging import load_grayscale
-from core.preprocess import preprocess, resize_gray
+from core.films.imaging import load_grayscale
+from core.ml.bundle import weights_sha256
+from core.ml.preprocess import preprocess, resize_gray
 from tests.conftest import fixture_images, make_bundle
 from training import augment, shift
 from training.selection import EpochScore, best_of, is_better, should_stop
@@ -174,13 +174,13 @@ def test_augmentation_pieces_are_seeded_bounded_and_switchable():
 
 
 def test_training_precision_follows_the_hardware(monkeypatch):
-    import core.precision
+    import core.ml.precision
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(core.precision, "native_bf16", lambda: False)
+    monkeypatch.setattr(core.ml.precision, "native_bf16", lambda: False)
     mode, why = training_precision(cpu)
     assert mode == "fp32" and "without native bf16" in why
-    monkeypatch.setattr(core.precision, "native_bf16", lambda: True)
+    monkeypatch.setattr(core.ml.precision, "native_bf16", lambda: True)
     assert training_precision(cpu)[0] == "bf16"
     assert training_precision(cpu, "fp32") == ("fp32", "forced by --precision")
     with pytest.raises(ValueError, match="not available on cpu"):

@@ -7,10 +7,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from core.bundle import load_bundle
 from core.db import get_engine, session_scope
-from core.ingest import ingest_file
+from core.intake.ingest import ingest_file
 from core.migrate import upgrade
+from core.ml.bundle import load_bundle
 from core.models import Status, Study
 from core.pipeline import process_studies
 from core.settings import Settings

@@ -1,4 +1,4 @@
-"""The stale sweep's rule (core.staleness) on SQLite and Postgres: judged from the claim and the claiming
+"""The stale sweep's rule (core.intake.staleness) on SQLite and Postgres: judged from the claim and the claiming
 worker's heartbeat, and from whether a queued study's message looks lost rather than waiting in a backlog."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from sqlalchemy import update
 
 from core import repository as repo
 from core.db import session_scope
+from core.intake.staleness import stale_study_ids
 from core.models import Status, Study, WorkerHeartbeat, utcnow
-from core.staleness import stale_study_ids
 
 REQUEUE, ALIVE, TIMEOUT = 300, 60, 1800
 NOW = utcnow()

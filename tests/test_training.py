@@ -47,11 +47,11 @@ def test_split_is_patient_grouped_stratified_and_reproducible(data_root):
 
 
 def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_path, monkeypatch):
-    import core.precision
+    import core.ml.precision
     import torch
 
     # A CPU without native bf16 must train in fp32 (emulated bf16 is ~5x slower), and say so.
-    monkeypatch.setattr(core.precision, "native_bf16", lambda: False)
+    monkeypatch.setattr(core.ml.precision, "native_bf16", lambda: False)
     runner = CliRunner()
     bundle = tmp_path / "bundle"
     threads = torch.get_num_threads()
@@ -74,7 +74,7 @@ def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_pa
     assert log[-1]["best"] == best_of(last).epoch
     assert meta["training"]["best_epoch"] == log[-1]["best"]  # the bundle names the weights it ships
     kept = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    from core.bundle import load_network
+    from core.ml.bundle import load_network
     shipped = load_network(bundle).state_dict()
     assert torch.allclose(kept["classifier.weight"].half().float(), shipped["classifier.weight"])
     assert meta["training"]["epochs_run"] == 3 and meta["architecture"] == "densenet121"
@@ -132,7 +132,7 @@ def test_init_from_a_local_weights_file_and_clear_errors(data_root, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from core.model import InitWeightsError, build_network
+    from core.ml.network import InitWeightsError, build_network
 
     torch.manual_seed(3)
     source = build_network("none")

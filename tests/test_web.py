@@ -24,14 +24,14 @@ from core import auth
 from core import calibrations
 from core import repository as repo
 from core import worklist_rows
-from core.bundle import load_bundle
 from core.db import get_engine, session_scope
 from core.feedback import COLUMNS
-from core.imaging import load_grayscale
+from core.films.imaging import load_grayscale
 from core.migrate import upgrade
+from core.ml.bundle import load_bundle
+from core.ml.scoring import score_images
 from core.models import Study, utcnow
 from core.pipeline import process_studies
-from core.scoring import score_images
 from core.settings import Settings
 from tests.conftest import fixture_images
 from web.app import create_app

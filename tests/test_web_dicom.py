@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
-from core.bundle import load_bundle
 from core.db import get_engine, session_scope
-from core.ingest import ingest_file
+from core.intake.ingest import ingest_file
 from core.migrate import upgrade
+from core.ml.bundle import load_bundle
 from core.models import AuditEvent, Status, Study
 from core.pipeline import process_studies
 from core.settings import Settings

@@ -20,13 +20,13 @@ import pytest
 from PIL import Image
 from sqlalchemy import inspect, select
 
-from core.bundle import load_bundle, read_meta
 from core.db import get_engine, session_scope
-from core.imaging import load_grayscale
-from core.ingest import ingest_file, requeue_stale
+from core.films.imaging import load_grayscale
+from core.intake.ingest import ingest_file, requeue_stale
 from core.migrate import upgrade
+from core.ml.bundle import load_bundle, read_meta
+from core.ml.scoring import score_images
 from core.models import Calibration, Status, Study, WorkerHeartbeat
-from core.scoring import score_images
 from core.settings import Settings
 from tests.conftest import fixture_images
 from tests.services import WorkerProcess, clean_env, fresh_postgres_database, wait_for

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from core.bundle import Bundle
-from core.calibration import confusion_at, threshold_for_sensitivity
-from core.imaging import ImageRejected, load_grayscale
-from core.scoring import ScoreResult, score_images
+from core.films.errors import ImageRejected
+from core.films.imaging import load_grayscale
+from core.ml.bundle import Bundle
+from core.ml.calibration import confusion_at, threshold_for_sensitivity
+from core.ml.scoring import ScoreResult, score_images
 from training.data import list_split
 from training.report import ECE_DEFINITION, metrics, metrics_table, plot_curves
 
@@ -106,7 +107,7 @@ def evaluate_shift(bundle: Bundle, data_root: Path, out_dir: Path, *, limit: int
     The films are the calibration and report halves of the bundle's own split.csv, never a test split;
     `limit` keeps a fixed, seeded, class-stratified subset of them (quick runs).
     """
-    from core.preprocess import normalize
+    from core.ml.preprocess import normalize
     from training.data import read_split_file
     from training.shift import markdown_table, run_suite, seeded_subset
 
@@ -187,7 +188,7 @@ the ROC-AUCs above score every film regardless. Share refused:
 
 def record_shift_in_bundle(bundle_dir: Path, result: dict) -> None:
     """Adds the suite's figures to bundle.json under `shift_suite` (weights and everything else untouched)."""
-    from core.bundle import read_meta, write_meta
+    from core.ml.bundle import read_meta, write_meta
 
     meta = read_meta(bundle_dir)
     if meta["version"] != result["model_version"]:

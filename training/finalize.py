@@ -12,13 +12,13 @@ import torch
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
-from core.bundle import BF16_MAX_AUC_DROP, FORMAT_VERSION, load_network, save_weights, write_meta
-from core.calibration import calibrator_to_dict, fit_and_select, threshold_for_sensitivity
 from core.calibrations import version_name
-from core.model import ARCHITECTURE, build_network
+from core.ml import precision
+from core.ml.bundle import BF16_MAX_AUC_DROP, FORMAT_VERSION, load_network, save_weights, write_meta
+from core.ml.calibration import calibrator_to_dict, fit_and_select, threshold_for_sensitivity
+from core.ml.network import ARCHITECTURE, build_network
+from core.ml.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from core.monitoring import score_histogram
-from core.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
-from core import precision
 from training.data import read_split_file
 from training.ood_bundle import guard_mode, install_guard
 from training.ood_eval import replace_section, report_section
@@ -125,7 +125,7 @@ def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivit
                              "precision": "bf16" if use_bf16 else "fp32"},
         "code_version": code_version(), "created_at": created.isoformat(timespec="seconds"),
     }
-    # The out-of-distribution guard (core.ood): fitted on the training films, thresholds on the calibration half,
+    # The out-of-distribution guard (core.ml.ood): fitted on the training films, thresholds on the calibration half,
     # figures on the report half and a synthesised OOD set; embedded in the precision the CPU service runs.
     mode = guard_mode(meta)
     precision.prepare(net, torch.device("cpu"), mode)

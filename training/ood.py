@@ -1,4 +1,4 @@
-"""Fits the out-of-distribution guard (core.ood) on training-split embeddings and picks its thresholds.
+"""Fits the out-of-distribution guard (core.ml.ood) on training-split embeddings and picks its thresholds.
 
 Reads top to bottom: embeddings (cached) → Gaussians with shrinkage → orientation probe → energy weight →
 thresholds on the calibration half of validation → tensors + JSON for the bundle. Only in-distribution
@@ -17,8 +17,8 @@ from sklearn.covariance import LedoitWolf
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from core import precision
-from core.ood import ORIENTATIONS, combined_score, energy, mahalanobis, orientation_probs
+from core.ml import precision
+from core.ml.ood import ORIENTATIONS, combined_score, energy, mahalanobis, orientation_probs
 from training.ood_shift import GUARD_FIT_PERTURBATIONS, MAX_SHIFT_FALSE_REFUSAL, NOTES as SHIFT_NOTES
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ ENERGY_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 
 
 def variant(arrays: np.ndarray, k: int) -> np.ndarray:
-    """Returns uint8 films [N,H,W] in orientation k of core.ood.ORIENTATIONS (0 = as given)."""
+    """Returns uint8 films [N,H,W] in orientation k of core.ml.ood.ORIENTATIONS (0 = as given)."""
     if k == 4:
         return 255 - arrays
     return np.ascontiguousarray(np.rot90(arrays, -k, axes=(1, 2)))  # -k: clockwise quarter turns
@@ -39,7 +39,7 @@ def variant(arrays: np.ndarray, k: int) -> np.ndarray:
 @torch.inference_mode()
 def embed(net, arrays: np.ndarray, mode: str, device: str = "cpu", bs: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Returns (logits [N], pooled norm5 embeddings [N,C]) of uint8 films, exactly as the service computes them."""
-    from core.preprocess import normalize
+    from core.ml.preprocess import normalize
     logits, embs = [], []
     for i in range(0, len(arrays), bs):
         z, _, e = precision.run_with_embedding(net, normalize(arrays[i:i + bs]), torch.device(device), mode)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import precision
-from core.bundle import bf16_allowed, load_network, read_meta, write_meta
-from core.ood import ORIENTATIONS, OodGuard, save_guard
+from core.ml import precision
+from core.ml.bundle import bf16_allowed, load_network, read_meta, write_meta
+from core.ml.ood import ORIENTATIONS, OodGuard, save_guard
 from training.ood import collect_embeddings, embed, fit_guard
 from training.ood_eval import evaluate_guard, replace_section, report_section
 from training.ood_shift import collect_shift_embeddings, shift_refusals

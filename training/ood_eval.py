@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from core.ood import ORIENTATIONS, OodGuard
-from core.preprocess import resize_gray
+from core.ml.ood import ORIENTATIONS, OodGuard
+from core.ml.preprocess import resize_gray
 from training.ood import variant
 from training.ood_families import FAMILIES, synthesise
 from training.ood_shift import shift_table
@@ -123,7 +123,7 @@ def replace_section(readme: Path, section: str) -> None:
 
 def bundle_embedder(bundle, bs: int = 32) -> Embedder:
     """Embeds uint8 films through a loaded bundle's own forward pass (its device and precision)."""
-    from core.preprocess import normalize
+    from core.ml.preprocess import normalize
 
     def run(arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, embs = [], []
@@ -137,7 +137,7 @@ def bundle_embedder(bundle, bs: int = 32) -> Embedder:
 
 def evaluate_ood(bundle, data_root: Path, out_dir: Path, *, n_per_family: int = 60, seed: int = 0) -> dict:
     """`chestaid evaluate --ood`: the bundle's guard on its validation films and the synthesised OOD set."""
-    from core.imaging import load_grayscale
+    from core.films.imaging import load_grayscale
     from training.data import read_split_file
 
     if bundle.ood is None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.imaging import load_grayscale
+from core.films.imaging import load_grayscale
 from training import shift
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 
-from core.calibration import (CALIBRATORS, brier, calibrator_from_dict, calibrator_to_dict, confusion_at,
+from core.ml.calibration import (CALIBRATORS, brier, calibrator_from_dict, calibrator_to_dict, confusion_at,
                               expected_calibration_error, threshold_for_sensitivity)
 from core.calibrations import version_name
 from core.feedback import read_feedback_csv
@@ -102,7 +102,7 @@ def fit_local(z, y, *, current: dict, current_threshold: float, target_sensitivi
 def recalibrate(feedback_csv: Path, bundle_dir: Path, out_dir: Path, *, target_sensitivity: float | None = None,
                 seed: int = 0) -> dict:
     """Writes a new bundle in out_dir sharing the weights, with a locally fitted calibrator and threshold."""
-    from core.bundle import WEIGHTS_FILE, read_meta, write_meta  # torch stays out of the web process
+    from core.ml.bundle import WEIGHTS_FILE, read_meta, write_meta  # torch stays out of the web process
 
     meta = read_meta(bundle_dir)
     excluded: dict[str, int] = {}  # findings that are not labels: recorded, reported, never fitted on

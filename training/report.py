@@ -7,7 +7,7 @@ import matplotlib
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from core.calibration import brier, confusion_at, expected_calibration_error
+from core.ml.calibration import brier, confusion_at, expected_calibration_error
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)

@@ -4,8 +4,8 @@ In-distribution validation cannot tell a model that generalises from one that me
 hospital, so training selects checkpoints on this suite and `chestaid evaluate --shift` reports it.
 
 Every perturbation acts on the 8-bit grayscale film exactly as the service sees it after decoding
-(`core.imaging.load_grayscale`, a PIL image in mode ``L`` at the film's own size), before
-`core.preprocess`. Sizes (blur radius, border width, text height) are given for a film with a 256 px short
+(`core.films.imaging.load_grayscale`, a PIL image in mode ``L`` at the film's own size), before
+`core.ml.preprocess`. Sizes (blur radius, border width, text height) are given for a film with a 256 px short
 side, the size of the data set's films, and scale with the film. Each one is deterministic given a seed and
 the film's index, and keeps the label: it changes how the film was acquired or stored, never the chest.
 
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from sklearn.metrics import roc_auc_score
 
-from core.preprocess import INPUT_SIZE, resize_gray
+from core.ml.preprocess import INPUT_SIZE, resize_gray
 
 # family -> (what it models, held out of training augmentation?)
 FAMILIES: dict[str, tuple[str, bool]] = {

@@ -20,10 +20,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from core import precision
-from core.imaging import load_grayscale
-from core.model import build_network
-from core.preprocess import INPUT_SIZE, normalize, resize_gray
+from core.films.imaging import load_grayscale
+from core.ml import precision
+from core.ml.network import build_network
+from core.ml.preprocess import INPUT_SIZE, normalize, resize_gray
 from training import augment, shift
 from training.data import make_splits, read_split_file, write_split_file
 from training.selection import EpochScore, best_of, is_better, should_stop
@@ -68,7 +68,7 @@ def cache_images(items, cache_file: Path) -> np.ndarray:
 def make_batch(arrays: np.ndarray, idx, res: int, augment=None) -> torch.Tensor:
     """Builds a normalised channels_last batch at resolution res; `augment` (training.augment.build) per film.
 
-    Without augmentation at 224 px this is exactly core.preprocess's normalisation of the cached service resize.
+    Without augmentation at 224 px this is exactly core.ml.preprocess's normalisation of the cached service resize.
     """
     x = torch.from_numpy(arrays[idx]).unsqueeze(1).float().div_(255.0)  # [B,1,224,224] in 0..1
     if augment is not None:
@@ -79,7 +79,7 @@ def make_batch(arrays: np.ndarray, idx, res: int, augment=None) -> torch.Tensor:
 
 
 def training_precision(device: torch.device, forced: str = "auto") -> tuple[str, str]:
-    """Picks the training precision by hardware, as core.precision does for inference; returns (mode, reason).
+    """Picks the training precision by hardware, as core.ml.precision does for inference; returns (mode, reason).
 
     A CPU without native bf16 emulates it about 5x slower than fp32, so it trains in fp32; a CPU with native
     bf16 (oneDNN AVX512-BF16/AMX) trains under bf16 autocast; CUDA uses bf16 autocast where the GPU supports

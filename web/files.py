@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.imaging import ImageRejected, load_grayscale
+from core.films.errors import ImageRejected
+from core.films.imaging import load_grayscale
 from core.models import Status, Study
 from core.settings import Settings
 

@@ -6,7 +6,7 @@ import logging
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from core.ingest import send
+from core.intake.ingest import send
 from core.override import OverrideError, score_anyway
 from web.access import ADMIN_POST, Admin
 from web.deps import SessionDep, SettingsDep, client_host

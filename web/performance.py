@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from core import calibrations, cohort, monitoring
 from core.auth import role_allows
-from core.calibration import CALIBRATORS, calibrator_from_dict
+from core.ml.calibration import CALIBRATORS, calibrator_from_dict
 from training.recalibrate import RecalibrationRefused, check_cohort, cross_validated, fit_local
 from web.access import ADMIN, ADMIN_POST, DOCTOR, Admin
 from web.deps import SessionDep, SettingsDep, client_host

@@ -9,7 +9,7 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from core.auth import role_allows
-from core.dicom import DicomInfo
+from core.films.dicom import DicomInfo
 from web.sessions import SCOPE_KEY
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"

@@ -12,10 +12,10 @@ from celery.signals import worker_process_init, worker_ready
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from core import calibrations
-from core import precision
 from core import repository as repo
-from core.bundle import META_FILE, Bundle, load_bundle
 from core.db import get_engine, session_scope
+from core.ml import precision
+from core.ml.bundle import META_FILE, Bundle, load_bundle
 from core.pipeline import process_studies
 from core.settings import Settings, get_settings
 from worker.app import SCORE_BATCH, SCORE_STUDY, celery_app

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-MIN_SIDE = 64
+from core.films.dicom import read_dicom
+from core.films.errors import DEFAULT_MAX_FILE_BYTES, MIN_SIDE, ImageRejected, over_limit
+
 DEFAULT_MAX_PIXELS = 50_000_000
-DEFAULT_MAX_FILE_BYTES = 100_000_000  # core.settings.max_file_bytes; callers with settings pass theirs
 # Films come as PNG or JPEG (or DICOM, told by its preamble); every other Pillow plugin is attack surface only.
 RASTER_FORMATS = ("PNG", "JPEG")
 NOT_A_FILM = "not a PNG, JPEG or DICOM file"
@@ -21,15 +22,6 @@ NOT_A_FILM = "not a PNG, JPEG or DICOM file"
 # Pillow's process-wide switch would pad a cut-off file with black and call it decoded; a partial film must
 # never be scored. Nothing in Chest-Aid turns it on; PNGs are checked against their header regardless.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class ImageRejected(ValueError):
-    """Raised when a file cannot be scored; the message is shown to users as the failure reason."""
-
-
-def over_limit(size: int, max_bytes: int) -> str:
-    """The reason given for a file over the byte cap (one wording for every reader)."""
-    return f"file is {size:,} bytes, over the limit of {max_bytes:,}"
 
 
 def read_bounded(path: str | Path, *, max_bytes: int) -> bytes:
@@ -154,7 +146,5 @@ def load_grayscale(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_
     if not data:
         raise ImageRejected("empty file (0 bytes)")
     if data[128:132] == b"DICM":
-        from core.dicom import read_dicom  # imported here: core.dicom imports ImageRejected from this module
-
         return read_dicom(data, max_pixels=max_pixels, max_bytes=max_bytes, guard=guard)[0]
     return _decode_raster(data, max_pixels)

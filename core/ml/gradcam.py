@@ -49,7 +49,7 @@ def forward_with_cam(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
 def forward_with_cam_embedding(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like forward_with_cam, and also returns the pooled features.norm5 embedding [N,C] the head sees.
 
-    The embedding feeds the out-of-distribution guard (core.ood) at no extra network cost.
+    The embedding feeds the out-of-distribution guard (core.ml.ood) at no extra network cost.
     """
     activations = net.features(x)  # output of features.norm5
     pooled = F.adaptive_avg_pool2d(F.relu(activations), 1).flatten(1)

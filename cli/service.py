@@ -1,31 +1,13 @@
-"""The `chestaid` command: service processes, training and model tools, administration."""
+"""Service processes: migrate, web, ingest, worker, and serve (all of them together)."""
 from __future__ import annotations
 
 import click
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Chest-Aid: chest X-ray triage worklist (a second look, never a diagnosis)."""
-
-
-# --- service processes (web, ingester, worker, migrate, serve) ----------------------------------
-
-
-def _settings():
-    from core.settings import get_settings
-
-    return get_settings()
-
-
-def _logging() -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+from cli._common import load_settings, setup_logging
 
 
 def _bundle_warning(settings) -> str | None:
-    from core.bundle import META_FILE
+    from core.ml.bundle import META_FILE
 
     if (settings.model_dir / META_FILE).is_file():
         return None
@@ -33,41 +15,41 @@ def _bundle_warning(settings) -> str | None:
             "and queued, but scoring waits until a bundle exists (train/finalize one, or set CHESTAID_MODEL_DIR).")
 
 
-@main.command()
+@click.command()
 def migrate() -> None:
     """Creates or upgrades the database schema (Alembic, head)."""
     from core.migrate import upgrade
 
-    settings = _settings()
+    settings = load_settings()
     if settings.database_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     click.echo(f"database at head: {settings.database_url}")
 
 
-@main.command()
+@click.command()
 @click.option("--host", default=None, help="bind address (default CHESTAID_WEB_HOST, 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="port (default CHESTAID_WEB_PORT, 8000)")
 def web(host: str | None, port: int | None) -> None:
     """Runs the worklist web app (uvicorn web.app:app)."""
     import uvicorn
 
-    settings = _settings()
+    settings = load_settings()
     # proxy_headers off: X-Forwarded-For is judged by CHESTAID_TRUSTED_PROXIES alone (web.deps.client_host).
     uvicorn.run("web.app:app", host=host or settings.web_host, port=port or settings.web_port, proxy_headers=False)
 
 
-@main.command()
+@click.command()
 def ingest() -> None:
     """Watches the inbox and turns each dropped file into an enqueued study."""
     import signal
     import threading
 
-    from core.watcher import Ingester
+    from core.intake.watcher import Ingester
     from worker.app import make_enqueue
 
-    _logging()
-    settings = _settings()
+    setup_logging()
+    settings = load_settings()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -77,7 +59,7 @@ def ingest() -> None:
     ingester.stop()
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--concurrency", "-c", type=int, default=None,
               help="pool processes (default CHESTAID_WORKER_CONCURRENCY, 1)")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
@@ -85,7 +67,7 @@ def worker(concurrency: int | None, celery_args: tuple[str, ...]) -> None:
     """Runs a scoring worker: `celery -A worker.app worker` (extra arguments go to celery)."""
     from worker.app import celery_app
 
-    settings = _settings()
+    settings = load_settings()
     settings.ensure_dirs()  # the default broker is a SQLite file under the data dir
     celery_app.worker_main(["worker", f"--concurrency={concurrency or settings.worker_concurrency}",
                             "--loglevel=INFO", *celery_args])
@@ -102,7 +84,7 @@ def _die_with_parent() -> None:
         pass
 
 
-@main.command()
+@click.command()
 def serve() -> None:
     """Migrates, then runs web, ingester and one worker together; Ctrl-C stops them all."""
     import os
@@ -113,7 +95,7 @@ def serve() -> None:
 
     from core.migrate import upgrade
 
-    settings = _settings()
+    settings = load_settings()
     settings.ensure_dirs()
     upgrade(settings.database_url)
     # Children re-read settings from the environment: pin the resolved values so they agree.
@@ -167,45 +149,4 @@ def serve() -> None:
     sys.exit(code)
 
 
-# --- model: train, score, evaluate, recalibrate, calibration ------------------------------------
-
-from training.commands import MODEL_COMMANDS  # noqa: E402  (click only; heavy imports are lazy)
-
-for _command in MODEL_COMMANDS:
-    main.add_command(_command)
-
-
-# --- accounts: user, token, audit ---------------------------------------------------------------
-
-from cli_accounts import ACCOUNT_COMMANDS  # noqa: E402
-
-for _command in ACCOUNT_COMMANDS:
-    main.add_command(_command)
-
-
-# --- DICOM: C-STORE receiver --------------------------------------------------------------------
-
-
-@main.command("dicom-listen")
-@click.option("--port", type=int, default=None, help="TCP port (default CHESTAID_DICOM_PORT, 11112)")
-@click.option("--ae-title", default=None, help="this receiver's AE title (default CHESTAID_DICOM_AE_TITLE, CHESTAID)")
-@click.option("--allow-ae", "allowed", multiple=True,
-              help="accept associations only from this calling AE title (repeatable; default "
-                   "CHESTAID_DICOM_ALLOWED_AES; with none, every association is rejected)")
-@click.option("--host", default=None, help="bind address (default CHESTAID_DICOM_HOST, 127.0.0.1; "
-                                           "0.0.0.0 for every interface)")
-def dicom_listen(port: int | None, ae_title: str | None, allowed: tuple[str, ...], host: str | None) -> None:
-    """Receives DICOM radiographs pushed by modalities/PACS (C-STORE, C-ECHO) into the inbox."""
-    import logging
-    import signal
-
-    from core.dicom_listener import run_listener
-    from core.settings import get_settings
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM as on Ctrl-C
-    run_listener(get_settings(), port=port, ae_title=ae_title, allowed=list(allowed) or None, host=host)
-
-
-if __name__ == "__main__":
-    main()
+SERVICE_COMMANDS = [migrate, web, ingest, worker, serve]

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 # Secondary Capture is received so that a digitised film is listed with the guard's reason rather than bounced.
 STORAGE_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
                    DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
-# Only syntaxes that core.dicom can decode: a sender offered nothing else converts or reports the failure itself.
-# Deflated is safe to take: the stored file is capped at max_file_bytes, and core.dicom inflates it only up
+# Only syntaxes that core.films.dicom can decode: a sender offered nothing else converts or reports the failure itself.
+# Deflated is safe to take: the stored file is capped at max_file_bytes, and core.films.dicom inflates it only up
 # to that cap (a deflate bomb fails at ingest with "Deflated DICOM inflates beyond N bytes").
 TRANSFER_SYNTAXES = [
     uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,

@@ -1,4 +1,4 @@
-"""CLI commands for the model: train, score, evaluate, recalibrate, calibration (imports stay lazy)."""
+"""Model commands: train, score, evaluate, recalibrate, calibration (imports stay lazy)."""
 from __future__ import annotations
 
 import json
@@ -7,20 +7,17 @@ from pathlib import Path
 
 import click
 
+from cli._common import cli_actor, load_settings
+
 DEFAULT_DATA = "../shared/data/chest_xray"
 
 
-def _settings():
-    from core.settings import get_settings
-    return get_settings()
-
-
 def _bundle(model: str | None):
-    from core.bundle import BundleError, load_bundle
-    from core.precision import PrecisionError
-    path = Path(model) if model else _settings().model_dir
+    from core.ml.bundle import BundleError, load_bundle
+    from core.ml.precision import PrecisionError
+    path = Path(model) if model else load_settings().model_dir
     try:
-        bundle = load_bundle(path, mode=_settings().precision)
+        bundle = load_bundle(path, mode=load_settings().precision)
     except (BundleError, PrecisionError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"model {bundle.version} on {bundle.choice.label} ({bundle.choice.reason})", err=True)
@@ -54,7 +51,7 @@ def _bundle(model: str | None):
 def train(data, run_dir, bundle_dir, init, schedule, batch_size, lr, patience, seed, limit, augment, label_smoothing,
           ema, shift_films, train_precision, threads, target_sensitivity, resume):
     """Trains DenseNet-121, calibrates it on validation data and writes a model bundle."""
-    from core.model import InitWeightsError
+    from core.ml.network import InitWeightsError
     from training.finalize import finalize
     from training.train import TrainConfig, main as train_main
 
@@ -76,7 +73,7 @@ def train(data, run_dir, bundle_dir, init, schedule, batch_size, lr, patience, s
                                precision=train_precision, threads=threads))
     except InitWeightsError as exc:
         raise click.ClickException(str(exc)) from exc
-    meta = finalize(run, Path(data), Path(bundle_dir), target_sensitivity or _settings().target_sensitivity,
+    meta = finalize(run, Path(data), Path(bundle_dir), target_sensitivity or load_settings().target_sensitivity,
                     ood_per_family=8 if limit else 60)  # a smoke run measures the guard on a small OOD set
     m = meta["metrics"]["report_half"]
     click.echo(f"bundle {meta['version']} written to {bundle_dir}: report-half ROC-AUC {m['roc_auc']:.4f}, "
@@ -95,7 +92,7 @@ def score(paths, model, as_json, batch_size):
     bundle = _bundle(model)
     failures = 0
     for fs in score_files(bundle, expand_paths(list(paths)), batch_size=batch_size,
-                          max_pixels=_settings().max_image_pixels):
+                          max_pixels=load_settings().max_image_pixels):
         if fs.result is None:
             failures += 1
             line = {"path": str(fs.path), "error": fs.error}
@@ -199,7 +196,7 @@ def recalibrate(feedback_csv, model, out, target_sensitivity):
     from core.feedback import FeedbackFormatError
     from training.recalibrate import RecalibrationRefused, recalibrate as run_recalibrate
 
-    model_dir = Path(model) if model else _settings().model_dir
+    model_dir = Path(model) if model else load_settings().model_dir
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -225,7 +222,7 @@ def calibration_list():
     from core import calibrations
     from core.db import session_scope
 
-    with session_scope(_settings().database_url) as session:
+    with session_scope(load_settings().database_url) as session:
         for cal in reversed(calibrations.list_all(session)):
             click.echo(f"{'*' if cal.active else ' '} {cal.version}\t{cal.kind}\tthreshold {cal.threshold:.4f}\t"
                        f"model {cal.model_version}\t{cal.source}")
@@ -236,14 +233,13 @@ def calibration_list():
 @click.option("--version", "version", default=None, help="Re-activate an already registered calibration.")
 def calibration_activate(bundle, version):
     """Makes a bundle's calibration (or a registered version) active and re-scores existing studies."""
-    from cli_accounts import cli_actor
     from core import calibrations
-    from core.bundle import BundleError, read_meta
     from core.db import session_scope
+    from core.ml.bundle import BundleError, read_meta
 
     if (bundle is None) == (version is None):
         raise click.UsageError("give either a BUNDLE folder or --version")
-    settings = _settings()
+    settings = load_settings()
     actor = cli_actor()
     with session_scope(settings.database_url) as session:
         try:

@@ -5,7 +5,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
-from core.imaging import ImageRejected
+from core.films.errors import ImageRejected
 
 
 def _wide_voi_lut(ds: Dataset, item: Dataset) -> Dataset:

@@ -19,8 +19,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.valuerep import DA, TM
 
-from core.dicom_pixels import to_8bit
-from core.imaging import DEFAULT_MAX_FILE_BYTES, MIN_SIDE, ImageRejected, over_limit
+from core.films.dicom_pixels import to_8bit
+from core.films.errors import DEFAULT_MAX_FILE_BYTES, MIN_SIDE, FilmRefused, ImageRejected, over_limit
 
 # pydicom's read-time validation warnings quote element values (names, IDs, dates); they must never reach a log.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -31,10 +31,6 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG"})
 NON_FRONTAL_VIEWS = {"LL": "lateral", "RL": "lateral", "LAT": "lateral", "LATERAL": "lateral",
                      "LLO": "oblique", "RLO": "oblique"}
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
-
-
-class FilmRefused(ImageRejected):
-    """Raised by the guard: a readable film the model was not built for (listed as refused, not quarantined)."""
 
 
 def is_dicom(data: bytes) -> bool:

@@ -1,6 +1,6 @@
 """Folder ingestion: a file dropped into the inbox becomes an archived, committed, then enqueued study.
 
-Plain functions that tests call directly; core.watcher wires them to watchdog.
+Plain functions that tests call directly; core.intake.watcher wires them to watchdog.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 
-from core import claim
 from core import repository as repo
-from core import staleness
 from core.db import session_scope
-from core.dicom import DicomInfo, header_identity
+from core.films.dicom import DicomInfo, header_identity
+from core.intake import claim
+from core.intake import staleness
 from core.models import Status, utcnow
 from core.settings import Settings
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 Enqueue = Callable[[int], None]
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".swp")
-EMPTY_REASON = "empty file (0 bytes)"  # the same words core.imaging uses
+EMPTY_REASON = "empty file (0 bytes)"  # the same words core.films.imaging uses
 # create_study finds duplicates by read-then-insert; two copies ingested at once would both look first.
 # One ingester per inbox, so a process-wide lock around that commit is enough.
 _CREATE_LOCK = threading.Lock()
@@ -95,8 +95,8 @@ def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop:
     """Claims one inbox entry, archives a verified copy, commits its Study and then enqueues it; returns the
     study id (None if skipped: vanished, already being ingested, or we are stopping).
 
-    `path` is an inbox entry, or a file left in the claim folder (core.claim), which is ingested again.
-    Crash safety: the entry is first renamed into a private claim folder (core.claim), then copied and hashed
+    `path` is an inbox entry, or a file left in the claim folder (core.intake.claim), which is ingested again.
+    Crash safety: the entry is first renamed into a private claim folder (core.intake.claim), then copied and hashed
     through one open descriptor, the archive copy verified, the row committed, and only then the claimed file
     removed; a crash at any point leaves the file in the inbox or the claim folder, to be ingested again.
     Entries that are not regular files (links, pipes, devices) and files over `max_file_bytes` are recorded as
@@ -283,7 +283,7 @@ def scan_inbox(*, settings: Settings, enqueue: Enqueue, stop: threading.Event | 
 
 def requeue_stale(*, settings: Settings, enqueue: Enqueue) -> list[int]:
     """Sends again the unfinished studies whose message looks lost or whose worker died holding the claim
-    (the rule is core.staleness.stale_study_ids); healthy work waiting in the broker or held by a live worker
+    (the rule is core.intake.staleness.stale_study_ids); healthy work waiting in the broker or held by a live worker
     is left alone."""
     with session_scope(settings.database_url) as session:
         ids = staleness.stale_study_ids(session, now=utcnow(), requeue_after_seconds=settings.requeue_after_seconds,

@@ -1,4 +1,4 @@
-"""The inbox watcher: watchdog events, the start-up scan and the periodic sweep, feeding core.ingest."""
+"""The inbox watcher: watchdog events, the start-up scan and the periodic sweep, feeding core.intake.ingest."""
 from __future__ import annotations
 
 import logging
@@ -10,8 +10,8 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from core import claim
-from core.ingest import Enqueue, inbox_files, ingest_file, is_candidate, requeue_stale
+from core.intake import claim
+from core.intake.ingest import Enqueue, inbox_files, ingest_file, is_candidate, requeue_stale
 from core.settings import Settings
 
 log = logging.getLogger(__name__)

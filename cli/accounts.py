@@ -1,8 +1,6 @@
 """CLI commands for accounts: `chestaid user …`, `chestaid token …`, `chestaid audit export`."""
 from __future__ import annotations
 
-import getpass
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,25 +10,16 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from cli._common import cli_actor, load_settings
 from core import audit
 from core import auth
 from core.db import get_engine, session_scope
-from core.settings import get_settings
-
-
-def cli_actor() -> str:
-    """Returns the audit actor for this shell user ("cli:<os user>")."""
-    try:
-        who = getpass.getuser()
-    except Exception:  # no passwd entry (containers): the uid still identifies the caller
-        who = f"uid{os.getuid()}"
-    return f"cli:{who}"
 
 
 @contextmanager
 def _session() -> Iterator[Session]:
     """Yields a committed-on-success session on the configured database, or fails with a clear message."""
-    url = get_settings().database_url
+    url = load_settings().database_url
     try:
         has_tables = inspect(get_engine(url)).has_table("users")
     except OperationalError as exc:

@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 from scipy.special import expit
 
-from core.bundle import Bundle
-from core.preprocess import preprocess
+from core.ml.bundle import Bundle
+from core.ml.preprocess import preprocess
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ScoreResult:
     flagged: bool
     cam: np.ndarray  # normalised 0..1, the network's final feature grid (7×7 at 224 px)
     timings: dict
-    ood_score: float | None = None  # core.ood combined score; None when the bundle has no guard
+    ood_score: float | None = None  # core.ml.ood combined score; None when the bundle has no guard
     orientation: str | None = None  # the probe's verdict, e.g. "upright", "upside down", "inverted polarity"
     refusal: str | None = None  # why the guard refuses this film (None: accepted or guard bypassed)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.gradcam import forward_with_cam_embedding
+from core.ml.gradcam import forward_with_cam_embedding
 
 log = logging.getLogger(__name__)
 

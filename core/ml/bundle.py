@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core import precision
-from core.calibration import calibrator_from_dict
-from core.model import ARCHITECTURE, build_network
-from core.ood import OodError, OodGuard, load_guard
+from core.ml import precision
+from core.ml.calibration import calibrator_from_dict
+from core.ml.network import ARCHITECTURE, build_network
+from core.ml.ood import OodError, OodGuard, load_guard
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
@@ -98,7 +98,7 @@ class Bundle:
 
     @property
     def mode(self) -> str:
-        """The precision the network runs in (core.precision): fp32, bf16, tf32 or fp16."""
+        """The precision the network runs in (core.ml.precision): fp32, bf16, tf32 or fp16."""
         return self.choice.mode
 
     @property
@@ -116,7 +116,7 @@ def bf16_allowed(meta: dict) -> bool:
 
 
 def load_bundle(directory: str | Path, device: str | None = None, mode: str = "auto") -> Bundle:
-    """Loads a bundle and picks its precision: `mode` forces one, "auto" measures (core.precision.choose).
+    """Loads a bundle and picks its precision: `mode` forces one, "auto" measures (core.ml.precision.choose).
 
     bf16 is never used when the bundle's accuracy check forbids it, whatever the hardware.
     """

@@ -1,0 +1,4 @@
+"""`python -m cli`: how `chestaid serve` starts its child processes."""
+from cli import main
+
+main()

@@ -57,3 +57,18 @@ def test_heatmap_png_is_upsampled_to_image_size():
     arr = np.asarray(img)
     assert img.size == (300, 200) and img.mode == "L"
     assert arr[100, 150] > 200 and arr[0, 0] == 0
+
+
+def test_a_large_films_heatmap_is_stored_at_a_bounded_size_with_its_aspect_ratio():
+    # A 2,000×3,000 px DICOM film: the heat-map keeps the film's shape at 512 px on its longer side, and its
+    # peak sits at the same relative place, so the page's overlay (stretched to the film) lines up.
+    import io
+
+    from PIL import Image
+    cam = np.zeros((7, 7), dtype=np.float32)
+    cam[1, 5] = 1.0
+    img = Image.open(io.BytesIO(heatmap_png(cam, (2000, 3000))))
+    assert img.size == (341, 512)
+    arr = np.asarray(img)
+    row, col = np.unravel_index(int(arr.argmax()), arr.shape)
+    assert abs(row / 512 - 1.5 / 7) < 0.02 and abs(col / 341 - 5.5 / 7) < 0.02

@@ -41,7 +41,8 @@ def test_forced_modes_are_honoured(bundle_dir):
 
 def test_bf16_is_never_used_when_the_bundle_check_forbids_it(no_bf16_bundle, monkeypatch):
     # Even on a machine where bf16 would be the faster mode, the accuracy check wins.
-    monkeypatch.setattr(precision, "_time_mode", lambda net, dev, mode, size, repeats: 1000.0 if mode == "bf16" else 1.0)
+    monkeypatch.setattr(precision, "_probe", lambda net, dev, arms, size, rounds: {
+        (m, b): 1000.0 if m == "bf16" else 1.0 for m, b in arms})
     bundle = load_bundle(no_bf16_bundle, device="cpu")
     assert bundle.mode == "fp32" and bundle.choice.reason == "the only mode allowed"
     with pytest.raises(precision.PrecisionError, match="accuracy check"):
@@ -58,10 +59,10 @@ def test_auto_keeps_the_mode_the_probe_measured_fastest(bundle_dir, monkeypatch,
     # An AVX2-only CPU emulates bf16 (slower); one with AVX512-BF16/AMX runs it natively (faster).
     timed = []
 
-    def fake_time(net, dev, mode, size, repeats):
-        timed.append(mode)
-        return 50.0 if mode == fast else 10.0
-    monkeypatch.setattr(precision, "_time_mode", fake_time)
+    def fake_probe(net, dev, arms, size, rounds):
+        timed.extend(m for m, _ in arms)
+        return {(m, b): 50.0 if m == fast else 10.0 for m, b in arms}
+    monkeypatch.setattr(precision, "_probe", fake_probe)
     bundle = load_bundle(bundle_dir, device="cpu")
     assert bundle.mode == fast
     assert bundle.choice.images_per_s == {fast: 50.0, ({"fp32", "bf16"} - {fast}).pop(): 10.0}
@@ -69,6 +70,33 @@ def test_auto_keeps_the_mode_the_probe_measured_fastest(bundle_dir, monkeypatch,
     # The probe is about the hardware: a second load in this process does not time again.
     load_bundle(bundle_dir, device="cpu")
     assert sorted(timed) == ["bf16", "fp32"]
+
+
+def test_a_near_tie_keeps_fp32():
+    # Within the margin, a faster-looking bf16 is noise: fp32, the reference, stays.
+    assert precision._pick({"fp32": 10.0, "bf16": 10.5}) == "fp32"
+    assert precision._pick({"fp32": 10.0, "bf16": 12.0}) == "bf16"
+    assert precision._pick({"fp32": 10.0, "tf32": 10.9, "fp16": 30.0}) == "fp16"
+
+
+def test_a_busy_neighbour_during_part_of_the_probe_does_not_flip_the_choice(bundle_dir, monkeypatch):
+    # An AVX2 CPU: fp32 takes 0.1 s a pass, emulated bf16 0.5 s. Another process hogs the cores for the first
+    # half of the timed passes, making every pass then 15x slower. Timed one mode after the other, all of
+    # fp32's passes fell in the busy half and emulated bf16 won; interleaved rounds keep fp32.
+    true_seconds = {"fp32": 0.1, "bf16": 0.5}
+    calls = []
+    total = 2 * 3  # two modes, three rounds
+
+    def fake_pass(net, dev, mode, x):
+        calls.append(mode)
+        busy = len(calls) <= total // 2
+        return true_seconds[mode] * (15 if busy else 1)
+    monkeypatch.setattr(precision, "_timed_pass", fake_pass)
+    monkeypatch.setattr(precision, "run", lambda net, x, dev, mode: None)  # warm-up passes: not timed
+    bundle = load_bundle(bundle_dir, device="cpu")
+    assert len(calls) == total and calls[:2] == ["fp32", "bf16"]  # interleaved
+    assert bundle.mode == "fp32"
+    assert bundle.choice.images_per_s["fp32"] == pytest.approx(precision.PROBE_BATCH["cpu"] / 0.1)
 
 
 def test_the_real_probe_measures_both_cpu_modes(bundle_dir):

@@ -57,10 +57,26 @@ def forward_with_cam_embedding(net: nn.Module, x: torch.Tensor) -> tuple[torch.T
     return logits.float(), gradcam_maps(activations, net.classifier.weight), pooled.float()
 
 
-def heatmap_png(cam: np.ndarray | torch.Tensor, size: tuple[int, int]) -> bytes:
-    """Upsamples a 0..1 CAM to size (width, height) and encodes it as an 8-bit grayscale PNG."""
+# The stored heat-map's longer side. A Grad-CAM map is 7×7, so a film-sized PNG holds no more detail than this,
+# and at a DICOM film's 2,000–3,000 px it cost more CPU than the network's forward pass (about 220 ms a film on a
+# 2-core server) and megabytes per page view. The study page stretches it over the film (same aspect ratio).
+HEATMAP_MAX_SIDE = 512
+
+
+def heatmap_size(size: tuple[int, int], max_side: int = HEATMAP_MAX_SIDE) -> tuple[int, int]:
+    """The (width, height) a heat-map is stored at for a film of `size`: the film's own size, scaled down (never
+    up) so that its longer side is at most `max_side`, keeping the aspect ratio."""
+    width, height = size
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def heatmap_png(cam: np.ndarray | torch.Tensor, size: tuple[int, int], max_side: int = HEATMAP_MAX_SIDE) -> bytes:
+    """Upsamples a 0..1 CAM to the heat-map size for a film of `size` (width, height; see heatmap_size) and
+    encodes it as an 8-bit grayscale PNG."""
+    width, height = heatmap_size(size, max_side)
     cam = torch.as_tensor(cam, dtype=torch.float32)[None, None]
-    up = F.interpolate(cam, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0]
+    up = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     arr = (up.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     buf = io.BytesIO()
     Image.fromarray(arr, mode="L").save(buf, format="PNG")

@@ -28,6 +28,8 @@ CUDA_MODES = ("fp32", "tf32", "fp16")
 PROBE_BATCH = {"cpu": 2, "cuda": 32}
 # Batch sizes tried for bursts: a CPU saturates at a few images, a GPU wants hundreds.
 BATCH_CANDIDATES = {"cpu": (4, 8, 16), "cuda": (32, 64, 128, 256)}
+# A mode other than fp32 must beat it by this much in the probe: a near tie is measurement noise.
+MODE_MARGIN = 0.10
 _PROBE_CACHE: dict[tuple, "Choice"] = {}
 _BATCH_CACHE: dict[tuple, int] = {}
 
@@ -100,27 +102,47 @@ def run_with_embedding(net: nn.Module, x: torch.Tensor, device: torch.device,
     return logits.float().cpu(), cams.float().cpu(), emb.float().cpu()
 
 
-def _time_mode(net: nn.Module, device: torch.device, mode: str, size: int, repeats: int,
-               batch: int | None = None) -> float:
-    """Returns images/s of forward+CAM in one mode, after one warm-up pass (oneDNN/cuDNN set-up)."""
-    batch = batch or PROBE_BATCH[device.type]
-    x = torch.randn(batch, 3, size, size)
-    prepare(net, device, mode)
+def _timed_pass(net: nn.Module, device: torch.device, mode: str, x: torch.Tensor) -> float:
+    """Seconds for one forward+CAM pass of `x` in `mode` (the network already prepared for it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
     run(net, x, device, mode)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run(net, x, device, mode)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return batch / best
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _probe(net: nn.Module, device: torch.device, arms: list[tuple[str, int]], size: int,
+           rounds: int) -> dict[tuple[str, int], float]:
+    """Images/s of forward+CAM for each (mode, batch) arm: every arm is warmed up once (oneDNN/cuDNN set-up),
+    then timed once per round with the arms interleaved, and its fastest round is kept.
+
+    Interleaving matters on a shared server: a burst of load from another process slows one round of every
+    arm alike instead of the whole window of one arm (timed one after another, a busy neighbour once made
+    fp32 look 14× slower than it is and the probe picked emulated bf16, 5× slower in truth).
+    """
+    inputs = {b: torch.randn(b, 3, size, size) for _, b in arms}
+    for mode, b in arms:
+        prepare(net, device, mode)
+        run(net, inputs[b], device, mode)
+    best = {arm: float("inf") for arm in arms}
+    for _ in range(rounds):
+        for mode, b in arms:
+            prepare(net, device, mode)
+            best[(mode, b)] = min(best[(mode, b)], _timed_pass(net, device, mode, inputs[b]))
+    return {(mode, b): b / best[(mode, b)] for mode, b in arms}
+
+
+def _pick(ips: dict[str, float], baseline: str = "fp32", margin: float = MODE_MARGIN) -> str:
+    """The fastest mode, but the plain fp32 baseline unless another beats it by `margin` (a near tie is noise,
+    and fp32 is the reference the bundle was validated in)."""
+    best = max(ips, key=ips.get)
+    return best if ips[best] >= (1 + margin) * ips.get(baseline, 0.0) else baseline
 
 
 def choose(net: nn.Module, device: torch.device, *, bf16_allowed: bool, forced: str = "auto",
-           size: int = 224, repeats: int = 2) -> Choice:
+           size: int = 224, rounds: int = 3) -> Choice:
     """Picks the mode: the forced one if given (and allowed), else the fastest by a timed probe.
 
     The probe's result depends on the hardware and the architecture, not on the weights, so it is kept for
@@ -139,8 +161,9 @@ def choose(net: nn.Module, device: torch.device, *, bf16_allowed: bool, forced: 
         return Choice(modes[0], device.type, "the only mode allowed", {})
     key = (device.type, size, modes)
     if key not in _PROBE_CACHE:
-        ips = {m: _time_mode(net, device, m, size, repeats) for m in modes}
-        best = max(ips, key=ips.get)
+        measured = _probe(net, device, [(m, PROBE_BATCH[device.type]) for m in modes], size, rounds)
+        ips = {m: v for (m, _), v in measured.items()}
+        best = _pick(ips)
         detail = ", ".join(f"{m} {v:.1f}" for m, v in ips.items())
         extra = f"; oneDNN native bf16: {native_bf16()}" if device.type == "cpu" else ""
         _PROBE_CACHE[key] = Choice(best, device.type, f"fastest in a timed probe ({detail} img/s{extra})", ips)
@@ -150,13 +173,14 @@ def choose(net: nn.Module, device: torch.device, *, bf16_allowed: bool, forced: 
     return choice
 
 
-def best_batch(net: nn.Module, device: torch.device, mode: str, *, size: int = 224, repeats: int = 2,
+def best_batch(net: nn.Module, device: torch.device, mode: str, *, size: int = 224, rounds: int = 2,
                within: float = 0.05) -> int:
     """Returns the batch size for bursts: the smallest candidate within `within` of the best measured images/s
     (a larger batch that is no faster only adds latency). Kept for the life of the process, like the mode."""
     key = (device.type, size, mode)
     if key not in _BATCH_CACHE:
-        ips = {b: _time_mode(net, device, mode, size, repeats, batch=b) for b in BATCH_CANDIDATES[device.type]}
+        measured = _probe(net, device, [(mode, b) for b in BATCH_CANDIDATES[device.type]], size, rounds)
+        ips = {b: v for (_, b), v in measured.items()}
         top = max(ips.values())
         _BATCH_CACHE[key] = min(b for b, v in ips.items() if v >= (1 - within) * top)
         log.info("burst batch size %d on %s %s (%s img/s)", _BATCH_CACHE[key], device.type, mode,

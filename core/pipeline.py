@@ -97,12 +97,19 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
 
 
 def _claim(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: str, room: int,
-           outcome: dict[int, str]) -> tuple[list[Claimed], tuple]:
+           outcome: dict[int, str]) -> tuple[list[Claimed], tuple | None]:
     """Claims the delivered studies (and, when `room` allows, fresh queued companions) in one transaction;
-    returns them with the calibration in force. Poison files and studies a live worker holds are settled here."""
+    returns them with the calibration in force (None when nothing was claimed). Poison files and studies a live
+    worker holds are settled here."""
     claimed: list[Claimed] = []
     with session_scope(settings.database_url) as session:
+        # In a burst most deliveries are of companions another pass already scored: one read settles them,
+        # with no write (on SQLite a write would queue behind the ingester's for the database lock).
+        unfinished = repo.unfinished_claim_counts(session, study_ids=study_ids)
         for sid in study_ids:
+            if sid not in unfinished:
+                outcome[sid] = "skipped"
+                continue
             holder = staleness.holder_is_alive(session, study_id=sid, me=worker, now=utcnow(),
                                                worker_alive_seconds=settings.worker_alive_seconds,
                                                claim_timeout_seconds=settings.claim_timeout_seconds)
@@ -124,14 +131,17 @@ def _claim(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: 
                 outcome[sid] = "skipped"
             else:
                 claimed.append(Claimed(sid, token, ""))
+        if not claimed:
+            return [], None
         # A burst: fill the passes with fresh queued studies; a study already claimed before is never a
         # companion (it may be a poison file), and a delivered study that is is scored alone (worker.tasks).
-        fresh = all(repo.get_study(session, study_id=c.study_id).claim_count == 1 for c in claimed)
-        if claimed and fresh and room > len(claimed):
+        fresh = all(unfinished[c.study_id] == 0 for c in claimed)  # claim counts before this claim
+        if fresh and room > len(claimed):
             claimed += [Claimed(sid, token, "") for sid, token in repo.claim_companions(
                 session, worker=worker, limit=room - len(claimed), exclude=[c.study_id for c in claimed])]
+        rows = {s.id: s for s in repo.studies_by_id(session, study_ids=[c.study_id for c in claimed])}
         for c in claimed:
-            study = repo.get_study(session, study_id=c.study_id)
+            study = rows[c.study_id]
             c.stored_path, c.source_name, c.override_by = study.stored_path, study.source_name, study.guard_override_by
         cal = calibrations.in_force(session, bundle=bundle)
         calibration = ((calibrator_from_dict({"kind": cal.kind, "params": cal.params}), cal.threshold, cal.version)

@@ -105,6 +105,11 @@ def get_study(session: Session, *, study_id: int) -> Study | None:
     return session.get(Study, study_id)
 
 
+def studies_by_id(session: Session, *, study_ids: list[int]) -> list[Study]:
+    """Returns the studies with these ids, in one query."""
+    return list(session.scalars(select(Study).where(Study.id.in_(study_ids))))
+
+
 def mark_enqueued(session: Session, *, study_id: int) -> None:
     """Records that a scoring task was sent for the study."""
     session.execute(update(Study).where(Study.id == study_id)

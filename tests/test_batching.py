@@ -90,6 +90,27 @@ def test_a_burst_of_n_is_scored_in_ceil_n_over_b_passes_each_study_once(settings
     assert sorted(p.name for p in settings.heatmap_dir.iterdir()) == sorted(f"{r.id}.png" for r in rows)
 
 
+def test_a_companions_own_delivery_is_settled_by_one_read_without_a_write(settings, bundle):
+    # In a burst most messages name studies an earlier pass already scored. Each is skipped after one read: no
+    # UPDATE (on SQLite it would wait for the database write lock) and no calibration lookup.
+    from sqlalchemy import event
+
+    from core.db import get_engine
+    ids = queue_burst(settings, films(3))
+    assert process_studies([ids[0]], bundle=bundle, settings=settings, worker="w", batch_size=4) == {
+        sid: "scored" for sid in ids}
+    statements = []
+    engine = get_engine(settings.database_url)
+    listener = lambda conn, cur, stmt, params, ctx, many: statements.append(stmt.split()[0].upper())  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        assert process_studies(ids[1:], bundle=bundle, settings=settings, worker="w2", batch_size=4) == {
+            sid: "skipped" for sid in ids[1:]}
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert statements == ["SELECT"]
+
+
 def test_without_a_burst_one_study_is_one_pass(settings, bundle):
     recording = Recording(bundle)
     [sid] = queue_burst(settings, films(1))

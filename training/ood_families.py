@@ -120,6 +120,12 @@ def document(rng, n: int) -> list[Image.Image]:
     return out
 
 
+def _shade(m: np.ndarray, rng, *, noise: float) -> Image.Image:
+    """Maps a 0..1 (or boolean) map onto a random grey range and finishes it (light blur, `noise`)."""
+    lo, hi = sorted(rng.uniform(0, 255, 2))
+    return _finish(Image.fromarray((lo + m * (hi - lo)).astype(np.uint8)), rng, 0.5, noise)
+
+
 def gradient(rng, n: int) -> list[Image.Image]:
     """Plain linear or radial grey gradients (test patterns, blank exports)."""
     out = []
@@ -132,8 +138,7 @@ def gradient(rng, n: int) -> list[Image.Image]:
         else:
             g = np.hypot(xx - rng.uniform(0, 1), yy - rng.uniform(0, 1))
         g = (g - g.min()) / (np.ptp(g) + 1e-9)
-        lo, hi = sorted(rng.uniform(0, 255, 2))
-        out.append(_finish(Image.fromarray((lo + g * (hi - lo)).astype(np.uint8)), rng, 0.5, 2))
+        out.append(_shade(g, rng, noise=2))
     return out
 
 
@@ -152,8 +157,7 @@ def pattern(rng, n: int) -> list[Image.Image]:
             m = (np.floor((np.cos(a) * xx + np.sin(a) * yy) / p) % 2)
         else:
             m = ((xx % p) < 2) | ((yy % p) < 2)
-        lo, hi = sorted(rng.uniform(0, 255, 2))
-        out.append(_finish(Image.fromarray((lo + m * (hi - lo)).astype(np.uint8)), rng, 0.5, 3))
+        out.append(_shade(m, rng, noise=3))
     return out
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from core import audit, worklist_rows
 from core.ml.calibration import CALIBRATORS, calibrator_from_dict
 from core.models import Calibration, Status, Study, WorklistRow, utcnow
+from core.worklist_sections import UNREAD
 
 THRESHOLD_MARK = "@t"  # versions made by a threshold change: "<base>@t0.3500"
 _VERSION_MAX = Calibration.__table__.c.version.type.length
@@ -208,7 +209,7 @@ def threshold_preview(session: Session, *, threshold: float) -> dict:
     cut = -threshold  # rows store the risk negated
     rows = dict(session.execute(
         select(WorklistRow.flagged, func.count()).where(
-            WorklistRow.section == "unread",
+            WorklistRow.section == UNREAD,
             ((WorklistRow.flagged == false()) & (WorklistRow.neg_score <= cut))
             | ((WorklistRow.flagged == true()) & (WorklistRow.neg_score > cut)))
         .group_by(WorklistRow.flagged)).all())

@@ -13,16 +13,18 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 
+from core.worklist_sections import DUPLICATES, FAILED, IN_PROGRESS, READ, REFUSED, SEARCH, UNREAD
+
 _D, _F, _I = "datetime", "float", "int"
 # The sort key of each list, per unread tier (None for the lists without tiers).
 KEY_TYPES: dict[tuple[str, int | None], tuple[str, ...]] = {
-    ("unread", 0): (_F, _D, _I), ("unread", 1): (_D, _F, _I), ("unread", 2): (_F, _D, _I),
-    ("read", None): (_D, _I), ("in_progress", None): (_D, _I), ("refused", None): (_D, _I),
-    ("failed", None): (_D, _I), ("duplicates", None): (_D, _I), ("search", None): (_I,),
-    # Filtered listings (core.worklist_filter), one per sort; they keep the overdue cut-off like "unread".
+    (UNREAD, 0): (_F, _D, _I), (UNREAD, 1): (_D, _F, _I), (UNREAD, 2): (_F, _D, _I),
+    (READ, None): (_D, _I), (IN_PROGRESS, None): (_D, _I), (REFUSED, None): (_D, _I),
+    (FAILED, None): (_D, _I), (DUPLICATES, None): (_D, _I), (SEARCH, None): (_I,),
+    # Filtered listings (core.worklist_filter), one per sort; they keep the overdue cut-off like unread.
     ("filter-risk", None): (_F, _I), ("filter-oldest", None): (_D, _I), ("filter-newest", None): (_D, _I),
 }
-_KEEPS_CUTOFF = ("unread", "filter-risk", "filter-oldest", "filter-newest")
+_KEEPS_CUTOFF = (UNREAD, "filter-risk", "filter-oldest", "filter-newest")
 
 
 class BadCursor(ValueError):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy import DateTime as _DateTime
@@ -37,21 +38,24 @@ class Base(DeclarativeBase):
     pass
 
 
-class Status:
+class Status(enum.StrEnum):
+    """Where a study stands. Members are their values, so studies.status stays a plain string column."""
+
     QUEUED = "queued"
     PROCESSING = "processing"
     SCORED = "scored"
     FAILED = "failed"
     DUPLICATE = "duplicate"
     REFUSED = "refused"  # kept in the archive and listed with the guard's reason, deliberately not scored
-    TERMINAL = (SCORED, FAILED, DUPLICATE, REFUSED)
+    TERMINAL = enum.nonmember((SCORED, FAILED, DUPLICATE, REFUSED))  # no further work will happen
 
 
 class Study(Base):
     """One film that entered the inbox, from arrival to a recorded finding."""
 
     __tablename__ = "studies"
-    # Pages of the non-grouped sections (in progress, refused, failed, duplicates) in arrival order (issue 9).
+    # Pages of the non-grouped sections (in progress, refused, failed, duplicates) in arrival order, read as
+    # one index range so a page costs the same however many studies there are.
     __table_args__ = (Index("ix_studies_status_received", "status", "received_at", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -95,7 +99,7 @@ class Study(Base):
     finding_comment: Mapped[str | None] = mapped_column(Text)
     reviewer: Mapped[str | None] = mapped_column(String(255))
     feedback_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    # DICOM identity (issue 4), NULL for PNG/JPEG. Only the first copy of an instance holds its SOP Instance
+    # DICOM identity, NULL for PNG/JPEG. Only the first copy of an instance holds its SOP Instance
     # UID (unique); images sharing a Study Instance UID form one worklist row (core.worklist).
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True, unique=True)
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))
@@ -184,7 +188,7 @@ class WorklistCount(Base):
     rows: Mapped[int] = mapped_column(Integer, default=0)
 
 
-# --- accounts and audit (issue 5) ------------------------------------------------------------------
+# --- accounts and audit ----------------------------------------------------------------------------
 
 
 class User(Base):

@@ -38,9 +38,11 @@ from core import calibrations, worklist_rows
 from core import repository as repo
 from core.cursor import Cursor, decode
 from core.models import Status, Study, WorklistRow, utcnow
-from core.worklist_entries import (GROUPED_SECTIONS, SECTIONS, TIER_FLAGGED, TIER_OVERDUE,  # noqa: F401 (API)
-                                   TIER_ROUTINE, Entry, Section, StatusStrip, as_utc, overdue_cutoff, entry_for,
-                                   group_entry, is_unread, key_of, section_of, waiting_seconds)
+from core.worklist_entries import (TIER_FLAGGED, TIER_OVERDUE, TIER_ROUTINE, Entry, Section,  # noqa: F401 (API)
+                                   StatusStrip, as_utc, overdue_cutoff, entry_for, group_entry, is_unread, key_of,
+                                   section_of, waiting_seconds)
+from core.worklist_sections import (DUPLICATES, FAILED, GROUPED_SECTIONS, IN_PROGRESS, READ, REFUSED, SEARCH,
+                                    SECTIONS, UNREAD)
 
 # --- pages ------------------------------------------------------------------------------------------
 # Every list is read as one index range from where the previous page ended (keyset paging), so a page costs
@@ -53,8 +55,8 @@ _UNREAD_ORDER = {
 }
 _READ_ORDER = (WorklistRow.feedback_at, WorklistRow.first_id)  # descending
 _PLAIN = {  # section: (statuses, newest first?)
-    "in_progress": ((Status.QUEUED, Status.PROCESSING), False), "refused": ((Status.REFUSED,), True),
-    "failed": ((Status.FAILED,), True), "duplicates": ((Status.DUPLICATE,), True),
+    IN_PROGRESS: ((Status.QUEUED, Status.PROCESSING), False), REFUSED: ((Status.REFUSED,), True),
+    FAILED: ((Status.FAILED,), True), DUPLICATES: ((Status.DUPLICATE,), True),
 }
 
 
@@ -91,7 +93,7 @@ def _row_entries(session, rows, section, tiers, *, max_wait_minutes, now) -> lis
     for row, tier in zip(rows, tiers):
         if members[row.group_key]:  # a row changed by a concurrent write between the two reads is left out
             entry = group_entry(members[row.group_key], max_wait_minutes=max_wait_minutes, now=now)
-            out.append(replace(entry, tier=tier) if section == "unread" else entry)
+            out.append(replace(entry, tier=tier) if section == UNREAD else entry)
     return out
 
 
@@ -108,7 +110,7 @@ def _unread_page(session, *, cursor: Cursor | None, limit: int | None, max_wait_
         if cursor is not None and tier < cursor.tier:
             continue
         order = _UNREAD_ORDER[tier]
-        query = select(WorklistRow).where(WorklistRow.section == "unread", *_tier_filter(tier, cutoff))
+        query = select(WorklistRow).where(WorklistRow.section == UNREAD, *_tier_filter(tier, cutoff))
         if cursor is not None and tier == cursor.tier:
             query = query.where(_after(order, cursor.key))
         wanted = None if limit is None else limit + 1 - len(rows)  # one more tells whether a next page exists
@@ -117,25 +119,25 @@ def _unread_page(session, *, cursor: Cursor | None, limit: int | None, max_wait_
             break
     more = limit is not None and len(rows) > limit
     rows = rows[:limit] if limit is not None else rows
-    entries = _row_entries(session, [r for _, r in rows], "unread", [t for t, _ in rows],
+    entries = _row_entries(session, [r for _, r in rows], UNREAD, [t for t, _ in rows],
                            max_wait_minutes=max_wait_minutes, now=now)
     offset = cursor.offset if cursor else 0
     last_tier, last = rows[-1] if rows else (None, None)
     key = [getattr(last, c.key) for c in _UNREAD_ORDER[last_tier]] if last is not None else []
-    return entries, _page_cursor("unread", key, last_tier, offset + len(rows), cutoff, more)
+    return entries, _page_cursor(UNREAD, key, last_tier, offset + len(rows), cutoff, more)
 
 
 def _read_page(session, *, cursor: Cursor | None, limit: int | None, max_wait_minutes, now):
-    query = select(WorklistRow).where(WorklistRow.section == "read")
+    query = select(WorklistRow).where(WorklistRow.section == READ)
     if cursor is not None:
         query = query.where(_after(_READ_ORDER, cursor.key, descending=True))
     rows = list(session.scalars(query.order_by(*[c.desc() for c in _READ_ORDER])
                                 .limit(None if limit is None else limit + 1)))
     more = limit is not None and len(rows) > limit
     rows = rows[:limit] if limit is not None else rows
-    entries = _row_entries(session, rows, "read", [None] * len(rows), max_wait_minutes=max_wait_minutes, now=now)
+    entries = _row_entries(session, rows, READ, [None] * len(rows), max_wait_minutes=max_wait_minutes, now=now)
     key = [rows[-1].feedback_at, rows[-1].first_id] if rows else []
-    return entries, _page_cursor("read", key, None, (cursor.offset if cursor else 0) + len(rows), None, more)
+    return entries, _page_cursor(READ, key, None, (cursor.offset if cursor else 0) + len(rows), None, more)
 
 
 def _plain_page(session, name, *, cursor: Cursor | None, limit: int | None, now):
@@ -182,9 +184,9 @@ def section(session: Session, name: str, *, max_wait_minutes: int, now: dt.datet
     at = decode(cursor, section=name) if cursor else None
     if at is not None and not at.key:  # the start of the section
         at, cursor = None, None
-    if name == "unread":
+    if name == UNREAD:
         entries, nxt = _unread_page(session, cursor=at, limit=limit, max_wait_minutes=max_wait_minutes, now=now)
-    elif name == "read":
+    elif name == READ:
         entries, nxt = _read_page(session, cursor=at, limit=limit, max_wait_minutes=max_wait_minutes, now=now)
     else:
         entries, nxt = _plain_page(session, name, cursor=at, limit=limit, now=now)
@@ -223,7 +225,7 @@ def search(session: Session, *, q: str, max_wait_minutes: int, now: dt.datetime 
     match = [Study.accession_number == q, Study.patient_id == q, Study.source_name == q]
     if q.lstrip("#").isdigit() and len(q.lstrip("#")) < 10:
         match.append(Study.id == int(q.lstrip("#")))
-    at = decode(cursor, section="search") if cursor else None
+    at = decode(cursor, section=SEARCH) if cursor else None
     query = select(Study).where(or_(*match))
     if at is not None:
         query = query.where(Study.id < at.key[0])
@@ -231,9 +233,9 @@ def search(session: Session, *, q: str, max_wait_minutes: int, now: dt.datetime 
     more, studies = len(studies) > limit, studies[:limit]
     total = session.scalar(select(func.count()).select_from(Study).where(or_(*match))) or 0
     offset = at.offset if at else 0
-    nxt = _page_cursor("search", [studies[-1].id] if studies else [], None, offset + len(studies), None, more)
+    nxt = _page_cursor(SEARCH, [studies[-1].id] if studies else [], None, offset + len(studies), None, more)
     entries = [entry_for(s, max_wait_minutes=max_wait_minutes, now=now) for s in studies]
-    return Section("search", entries, total, nxt, offset)
+    return Section(SEARCH, entries, total, nxt, offset)
 
 
 def status_strip(session: Session, *, worker_alive_seconds: int, max_wait_minutes: int,
@@ -244,13 +246,13 @@ def status_strip(session: Session, *, worker_alive_seconds: int, max_wait_minute
     totals = totals if totals is not None else section_totals(session)
     # Overdue rows are the unread ones minus those that arrived within the wait limit: a short index range.
     recent = session.scalar(select(func.count()).select_from(WorklistRow).where(
-        WorklistRow.section == "unread", WorklistRow.received_at >= overdue_cutoff(now, max_wait_minutes))) or 0
+        WorklistRow.section == UNREAD, WorklistRow.received_at >= overdue_cutoff(now, max_wait_minutes))) or 0
     workers = repo.live_workers(session, within_seconds=worker_alive_seconds)
     cal = calibrations.active(session)
     return StatusStrip(
         now=as_utc(now), queued=totals[f"status:{Status.QUEUED}"], processing=totals[f"status:{Status.PROCESSING}"],
-        unread=totals["unread"], overdue=max(0, totals["unread"] - recent), failed=totals["failed"],
-        read=totals["read"], workers_alive=len(workers), refused=totals["refused"], duplicates=totals["duplicates"],
+        unread=totals[UNREAD], overdue=max(0, totals[UNREAD] - recent), failed=totals[FAILED],
+        read=totals[READ], workers_alive=len(workers), refused=totals[REFUSED], duplicates=totals[DUPLICATES],
         model_versions=sorted({w.model_version for w in workers if w.model_version}),
         calibration_version=cal.version if cal else None,
         calibration_model_version=cal.model_version if cal else None,

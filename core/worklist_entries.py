@@ -9,10 +9,9 @@ from dataclasses import dataclass, field, replace
 
 from core import worklist_rows
 from core.models import Status, Study, utcnow
+from core.worklist_sections import DUPLICATES, FAILED, IN_PROGRESS, READ, REFUSED, UNREAD
 
 TIER_FLAGGED, TIER_OVERDUE, TIER_ROUTINE = 0, 1, 2
-SECTIONS = ("unread", "in_progress", "refused", "failed", "duplicates", "read")
-GROUPED_SECTIONS = ("unread", "read")
 
 
 @dataclass(frozen=True)
@@ -98,9 +97,8 @@ def is_unread(study: Study) -> bool:
 def section_of(study: Study) -> str:
     """Names the section a study is listed in; the sections partition all studies."""
     if study.status == Status.SCORED:
-        return "unread" if study.finding is None else "read"
-    return {Status.FAILED: "failed", Status.DUPLICATE: "duplicates",
-            Status.REFUSED: "refused"}.get(study.status, "in_progress")
+        return UNREAD if study.finding is None else READ
+    return {Status.FAILED: FAILED, Status.DUPLICATE: DUPLICATES, Status.REFUSED: REFUSED}.get(study.status, IN_PROGRESS)
 
 
 def key_of(study: Study) -> str:

@@ -1,4 +1,4 @@
-"""Filtered and sorted worklist rows (issue 11): flagged, overdue, received between two dates, modality, with or
+"""Filtered and sorted worklist rows: flagged, overdue, received between two dates, modality, with or
 without a finding, sorted by risk, oldest or newest first. Server-side and keyset-paged like the triage lists
 (core.worklist), each sort read along an index of `worklist_rows` (migration 0007 adds the risk and arrival
 orders), so a page costs about the same at 100 or 100,000 studies. The default triage order is never changed:
@@ -16,6 +16,7 @@ from core import worklist as wl
 from core.cursor import Cursor, decode
 from core.models import Study, WorklistRow, utcnow
 from core.worklist_entries import Section, overdue_cutoff
+from core.worklist_sections import READ, UNREAD
 
 SORTS = ("risk", "oldest", "newest")
 MODALITIES = ("CR", "DX")
@@ -53,7 +54,7 @@ def _day_start(day: dt.date) -> dt.datetime:
 
 
 def _conditions(filters: Filters, *, cutoff: dt.datetime) -> list:
-    where = [WorklistRow.section == ("read" if filters.read else "unread")]
+    where = [WorklistRow.section == (READ if filters.read else UNREAD)]
     if filters.flagged:
         where.append(WorklistRow.flagged == true())
     if filters.overdue:
@@ -83,7 +84,7 @@ def filtered(session: Session, *, filters: Filters, max_wait_minutes: int, limit
     query = query.order_by(*[c.desc() if descending else c for c in columns]).limit(limit + 1)
     rows = list(session.scalars(query))
     more, rows = len(rows) > limit, rows[:limit]
-    section = "read" if filters.read else "unread"
+    section = READ if filters.read else UNREAD
     entries = wl._row_entries(session, rows, section, [None] * len(rows), max_wait_minutes=max_wait_minutes,
                               now=now)
     total = session.scalar(select(func.count()).select_from(WorklistRow).where(*where)) or 0

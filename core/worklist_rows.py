@@ -1,13 +1,13 @@
 """The materialised worklist: one `WorklistRow` per unread or read row, kept in step with the studies.
 
-Grouping and sorting 100,000 studies on every request does not scale (issue 9), so each row's aggregates
+Grouping and sorting 100,000 studies on every request does not scale, so each row's aggregates
 (risk = highest score, flagged = any image flagged, earliest arrival, latest finding, lead image) are stored
 and indexed. Every write that can move a study into, out of or within the unread/read sections calls
 `refresh` in the same transaction (scoring, findings); a calibration activation, which re-scores everything,
 calls `rebuild`. Migration 0005 backfills existing databases the same way.
 
 A row is one DICOM study of one patient (same Study Instance UID *and* PatientID: a UID shared by two
-patients is a sender error and must never merge them, issue 8) or a film of its own (`#<id>`).
+patients is a sender error and must never merge them) or a film of its own (`#<id>`).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.models import Status, Study, WorklistCount, WorklistRow
+from core.worklist_sections import GROUPED_SECTIONS, READ, UNREAD
 
-GROUPED_SECTIONS = ("unread", "read")
 _MEMBER_COLUMNS = (Study.id, Study.study_instance_uid, Study.patient_id, Study.score, Study.flagged,
                    Study.received_at, Study.feedback_at, Study.finding)
 
@@ -46,7 +46,7 @@ def _aggregate(section: str, key: str, members: list) -> dict:
     return {"section": section, "group_key": key, "lead_id": lead.id, "neg_score": -(lead.score or 0.0),
             "flagged": any(bool(m.flagged) for m in members),
             "received_at": received,
-            "feedback_at": max(feedback) if section == "read" else None,
+            "feedback_at": max(feedback) if section == READ else None,
             "first_id": min(m.id for m in members), "images": len(members)}
 
 
@@ -54,7 +54,7 @@ def _rows_of(members: Iterable) -> dict[tuple[str, str], dict]:
     """Aggregates scored studies into rows, keyed by (section, group key)."""
     grouped: dict[tuple[str, str], list] = {}
     for m in members:
-        grouped.setdefault(("unread" if m.finding is None else "read", key_of(m)), []).append(m)
+        grouped.setdefault((UNREAD if m.finding is None else READ, key_of(m)), []).append(m)
     return {k: _aggregate(k[0], k[1], v) for k, v in grouped.items()}
 
 

@@ -16,10 +16,11 @@ from fastapi.responses import JSONResponse, Response
 from core import audit, auth, findings
 from core import repository as repo
 from core import worklist as wl
-from core.feedback import feedback_csv
 from core.cursor import BadCursor, decode, start_of
+from core.feedback import feedback_csv
 from core.models import Status, utcnow
 from core.pseudonym import load_salt
+from core.worklist_sections import SECTIONS
 from web import health as health_checks
 from web.access import ADMIN, DOCTOR_POST, NURSE, PUBLIC, Admin, Doctor, current_user
 from web.deps import SessionDep, SettingsDep, StudyDep, client_host
@@ -27,7 +28,7 @@ from web.schemas import FeedbackIn, HealthOut, StudyOut
 
 router = APIRouter()
 
-SectionName = Literal["unread", "in_progress", "refused", "failed", "duplicates", "read"]
+SectionName = Literal[SECTIONS]
 
 
 def page_limit(settings, limit: int | None) -> int:
@@ -49,7 +50,7 @@ def _next_link(request: Request, cursor: str | None) -> dict[str, str]:
 def _list_page(session, settings, *, names: list[str], cursor: str | None, limit: int):
     """Fills one page from the sections in order, starting where the cursor says; returns the rows and the
     cursor of the next page (None after the last row of the last section)."""
-    if cursor is not None and names != list(wl.SECTIONS):
+    if cursor is not None and names != list(SECTIONS):
         cursor_section = names[0]  # one section: its own cursors only
     else:
         cursor_section = decode(cursor).section if cursor else names[0]
@@ -90,7 +91,7 @@ def list_studies(request: Request, response: Response, session: SessionDep, sett
             found = wl.search(session, q=q, max_wait_minutes=settings.max_wait_minutes, limit=size, cursor=cursor)
             rows, nxt = [(wl.section_of(e.study), e) for e in found.entries], found.next_cursor
         else:
-            names = [section] if section else list(wl.SECTIONS)
+            names = [section] if section else list(SECTIONS)
             rows, nxt = _list_page(session, settings, names=names, cursor=cursor, limit=size)
     except BadCursor as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None

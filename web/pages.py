@@ -22,6 +22,7 @@ from core.models import Status, utcnow
 from core.repository import FINDINGS
 from core.worklist_entries import Section
 from core.worklist_filter import MODALITIES, SORTS, Filters, filtered
+from core.worklist_sections import VIEW_SECTIONS
 from web.access import DOCTOR_POST, NURSE, Doctor, Nurse
 from web.api import record_finding
 from web.deps import SessionDep, SettingsDep, StudyDep
@@ -31,8 +32,7 @@ from web.templating import templates
 
 router = APIRouter(default_response_class=HTMLResponse)
 
-View = Literal["unread", "read"]
-VIEW_SECTIONS = {"unread": ("unread", "in_progress", "refused", "failed", "duplicates"), "read": ("read",)}
+View = Literal[tuple(VIEW_SECTIONS)]
 IMAGE_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
 # The strip's "Updated" time changes on every poll; it is left out of the fragment's version (ETag).
 _CLOCK = re.compile(rb'<time datetime="[^"]*">[^<]*</time>')
@@ -149,7 +149,7 @@ def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, 
     context = worklist_context(session, settings, view, paged=section, cursor=cursor, found=found,
                                viewer_id=_viewer_id(request))
     context["after"] = after
-    context["monitor_alerts"] = admin_alerts(request, session, settings)  # the admins' banner (issue 10)
+    context["monitor_alerts"] = admin_alerts(request, session, settings)  # the admins' banner
     return templates.TemplateResponse(request, "worklist.html", context)
 
 

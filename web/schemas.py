@@ -8,14 +8,7 @@ from pydantic import BaseModel, Field
 
 from core.models import Study
 from core.worklist import Entry, section_of
-
-
-def _image_url(s: Study) -> str | None:
-    return f"/studies/{s.id}/image" if s.status != "failed" else None
-
-
-def _heatmap_url(s: Study) -> str | None:
-    return f"/studies/{s.id}/heatmap.png" if s.status == "scored" and s.heatmap_path else None
+from web.links import film_url, heatmap_url
 
 
 class ImageOut(BaseModel):
@@ -38,7 +31,7 @@ class ImageOut(BaseModel):
     def from_study(cls, s: Study) -> "ImageOut":
         return cls(id=s.id, status=s.status, section=section_of(s), score=s.score, flagged=s.flagged, error=s.error,
                    modality=s.modality, view_position=s.view_position, sop_instance_uid=s.sop_instance_uid,
-                   study_url=f"/studies/{s.id}", image_url=_image_url(s), heatmap_url=_heatmap_url(s))
+                   study_url=f"/studies/{s.id}", image_url=film_url(s), heatmap_url=heatmap_url(s))
 
 
 class StudyOut(BaseModel):
@@ -95,7 +88,7 @@ class StudyOut(BaseModel):
                    model_version=s.model_version, calibration_version=s.calibration_version, error=s.error,
                    duplicate_of_id=s.duplicate_of_id, width=s.width, height=s.height, finding=s.finding,
                    outcome=s.outcome, reviewer=s.reviewer, comment=s.finding_comment, feedback_at=s.feedback_at,
-                   image_url=_image_url(s), heatmap_url=_heatmap_url(s), accession_number=s.accession_number,
+                   image_url=film_url(s), heatmap_url=heatmap_url(s), accession_number=s.accession_number,
                    patient_id=s.patient_id, study_instance_uid=s.study_instance_uid,
                    series_instance_uid=s.series_instance_uid, sop_instance_uid=s.sop_instance_uid,
                    modality=s.modality, body_part_examined=s.body_part_examined, view_position=s.view_position,

@@ -8,8 +8,10 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
+from core import worklist_sections
 from core.auth import role_allows
 from core.films.dicom import DicomInfo
+from web.links import film_url, heatmap_url
 from web.sessions import SCOPE_KEY
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -102,7 +104,8 @@ def make_templates() -> Jinja2Templates:
     env = templates.env
     env.filters.update(waited=waited, when=when, clock=clock, score=score, person_name=person_name,
                        study_when=study_when, compare_digits=compare_digits)
-    env.globals.update(caveat=CAVEAT, outcome_text=OUTCOME_TEXT, role_allows=role_allows)
+    env.globals.update(caveat=CAVEAT, outcome_text=OUTCOME_TEXT, role_allows=role_allows,
+                       worklist_sections=worklist_sections, film_url=film_url, heatmap_url=heatmap_url)
     return templates
 
 

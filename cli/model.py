@@ -75,8 +75,8 @@ def train(data, run_dir, bundle_dir, init, schedule, batch_size, lr, patience, s
         raise click.ClickException(str(exc)) from exc
     meta = finalize(run, Path(data), Path(bundle_dir), target_sensitivity or load_settings().target_sensitivity,
                     ood_per_family=8 if limit else 60)  # a smoke run measures the guard on a small OOD set
-    m = meta["metrics"]["report_half"]
-    click.echo(f"bundle {meta['version']} written to {bundle_dir}: report-half ROC-AUC {m['roc_auc']:.4f}, "
+    m = meta.extra["metrics"]["report_half"]
+    click.echo(f"bundle {meta.version} written to {bundle_dir}: report-half ROC-AUC {m['roc_auc']:.4f}, "
                f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}")
 
 
@@ -205,8 +205,8 @@ def recalibrate(feedback_csv, model, out, target_sensitivity):
             raise click.ClickException(f"recalibration refused: {exc}") from exc
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
-    r = meta["recalibration"]
-    click.echo(f"new calibration {meta['calibration']['version']} ({r['chosen']}, threshold {meta['threshold']:.4f}) "
+    r = meta.extra["recalibration"]
+    click.echo(f"new calibration {meta.calibration['version']} ({r['chosen']}, threshold {meta.threshold:.4f}) "
                f"in {out}: cross-validated ECE {r['before']['ece']:.4f} → {r['after_cross_validated']['ece']:.4f}. "
                f"Activate it with: chestaid calibration activate {out}")
 

@@ -9,6 +9,8 @@ from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The sensitivity a flag threshold is chosen for, unless a setting, a command option or the bundle names another.
+DEFAULT_TARGET_SENSITIVITY = 0.90
 
 
 class Settings(BaseSettings):
@@ -26,8 +28,8 @@ class Settings(BaseSettings):
     max_file_bytes: int = 100_000_000
     # A study claimed this many times without a result (its worker died each time) fails as a poison file.
     max_claims: int = 3
-    target_sensitivity: float = 0.90
-    # Local performance monitoring (issue 10, core.monitoring): alerts need this many reviewed cases, are
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
+    # Local performance monitoring (core.monitoring): alerts need this many reviewed cases, are
     # measured on the latest monitor_window_cases of them, and drift on the scores of the last days.
     monitor_min_cases: int = 100
     monitor_window_cases: int = 300
@@ -61,7 +63,8 @@ class Settings(BaseSettings):
     refresh_seconds: int = 5
     # A study page open elsewhere shows as "open by X" until its page has not checked in for this long.
     reading_claim_seconds: int = 120
-    # Every list is paged (issue 9): rows per page by default, and the most a client may ask for.
+    # Every list is paged, so a page costs the same at any size: rows per page by default, and the most a
+    # client may ask for.
     page_size: int = 50
     max_page_size: int = 200
     # C-STORE receiver: loopback unless set (e.g. 0.0.0.0) for modalities and PACS on the network.
@@ -70,7 +73,7 @@ class Settings(BaseSettings):
     dicom_ae_title: str = "CHESTAID"
     # Calling AE titles accepted (JSON list in the env, e.g. '["PACS1"]'); empty = every association is refused.
     dicom_allowed_aes: list[str] = []
-    # Sign-in throttling (issues 5, 8): failures counted in the database, so it holds across web processes.
+    # Sign-in throttling against password guessing: failures counted in the database, so it holds across web processes.
     # Per (account, client) pair, with no lock-out: after login_failures_before_delay failures each further
     # try from that client for that account waits base * 2^(extra failures) seconds (at most the max), so a
     # stranger guessing never blocks the owner signing in from elsewhere. Failures are remembered this long.
@@ -84,7 +87,7 @@ class Settings(BaseSettings):
     # Reverse proxies (IP addresses or networks) whose X-Forwarded-For is believed; empty: none, the client
     # is the TCP peer (JSON list in the env, e.g. CHESTAID_TRUSTED_PROXIES='["10.0.0.5", "172.16.0.0/12"]').
     trusted_proxies: list[str] = []
-    # Web sessions (issue 5): signed cookies. An empty secret is generated once and kept in
+    # Web sessions: signed cookies. An empty secret is generated once and kept in
     # data_dir/session_secret (mode 0600), shared by the web processes of one machine; deployments with
     # web processes on several machines must set CHESTAID_SESSION_SECRET to the same value on each.
     session_secret: SecretStr = SecretStr("")
@@ -92,7 +95,7 @@ class Settings(BaseSettings):
     session_max_hours: int = 12  # signed out this long after signing in, however active
     force_https_cookies: bool = False  # mark cookies Secure even when the app sees plain HTTP (TLS ends at a proxy)
     max_request_bytes: int = 1_048_576  # larger request bodies are refused with 413
-    # Feedback export (issue 4): patients appear only as HMAC-SHA256(salt, PatientID). An empty salt is
+    # Feedback export: patients appear only as HMAC-SHA256(salt, PatientID). An empty salt is
     # generated once and kept in data_dir/pseudonym_salt (mode 0600); keep it (and back it up) so the keys
     # of one patient stay the same across exports, and set the same value everywhere exports are compared.
     pseudonym_salt: SecretStr = SecretStr("")

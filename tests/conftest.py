@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.ml.bundle import FORMAT_VERSION, save_weights, write_meta
-from core.ml.network import ARCHITECTURE, build_network
+from core.ml.bundle import BundleMeta, save_weights
+from core.ml.network import build_network
+from core.settings import DEFAULT_TARGET_SENSITIVITY
 
 pytest_plugins = ["tests.migrated_db"]  # db_url / pg_template: a migrated database per test, both backends
 
@@ -28,16 +29,12 @@ def make_bundle(directory: Path, seed: int = 0, threshold: float = 0.5, temperat
     torch.manual_seed(seed)
     net = build_network("none")
     sha = save_weights(net, directory)
-    write_meta(directory, {
-        "format_version": FORMAT_VERSION, "version": f"test-{sha[:8]}", "architecture": ARCHITECTURE,
-        "input_size": 224, "channels": 3,
-        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        "weights_sha256": sha,
-        "calibration": {"kind": "temperature", "params": {"temperature": temperature},
-                        "version": f"temperature-test{seed}"},
-        "threshold": threshold, "target_sensitivity": 0.9,
-        "bf16_check": {"use_bf16": True},
-    })
+    BundleMeta(version=f"test-{sha[:8]}", input_size=224, channels=3,
+               normalization={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, weights_sha256=sha,
+               calibration={"kind": "temperature", "params": {"temperature": temperature},
+                            "version": f"temperature-test{seed}"},
+               threshold=threshold, target_sensitivity=DEFAULT_TARGET_SENSITIVITY,
+               bf16_check={"use_bf16": True}).write(directory)
     return directory
 
 

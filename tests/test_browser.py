@@ -259,26 +259,27 @@ def test_worklist_study_sliders_and_feedback_in_chromium(server, browser, monkey
 def test_performance_page_and_recalibration_in_chromium(server, browser, tmp_path):
     """An admin reads the performance page (alerts, weekly table, plots), previews a recalibration on the last
     150 reviewed cases and puts it in force with one confirmed click; the worklist banner names the alert."""
-    import json
+    from dataclasses import replace
 
     import numpy as np
     from scipy.special import expit
 
     from core import calibrations, monitoring
+    from core.ml.bundle import BundleMeta
     from tests.test_monitoring import add_scored
 
     site, base, _ = server
     bundle_dir = tmp_path / "bundle"  # the server fixture's bundle: give it a reference histogram
-    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    meta = BundleMeta.read(bundle_dir)
     rng = np.random.default_rng(0)
-    meta["reference_scores"] = monitoring.score_histogram(rng.normal(0.0, 3.0, 1000))
-    (bundle_dir / "bundle.json").write_text(json.dumps(meta))
+    reference = monitoring.score_histogram(rng.normal(0.0, 3.0, 1000))
+    replace(meta, extra={**meta.extra, "reference_scores": reference}).write(bundle_dir)
     site.settings.model_dir = bundle_dir
     z = rng.normal(2.0, 4.0, 150)  # over-confident and shifted: ECE and drift alerts
     y = rng.random(150) < expit(z / 3 - 1)
     with session_scope(site.settings.database_url) as s:
         for zi, yi in zip(z, y):
-            add_scored(s, logit=float(zi), finding="pneumonia" if yi else "normal", model=meta["version"],
+            add_scored(s, logit=float(zi), finding="pneumonia" if yi else "normal", model=meta.version,
                        received_at=utcnow() - dt.timedelta(days=2))
         before = calibrations.active(s).version
     problems: list[str] = []

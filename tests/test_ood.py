@@ -1,9 +1,10 @@
-"""The out-of-distribution guard (issue 14): the Mahalanobis function, the shipped bundle's guard on every OOD
+"""The out-of-distribution guard: the Mahalanobis function, the shipped bundle's guard on every OOD
 family and on real films, the pipeline's refusal, `chestaid score`, and the admin's audited "score anyway"."""
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from core.db import get_engine, session_scope
 from core.films.imaging import load_grayscale
 from core.migrate import upgrade
 from core.ml import precision
-from core.ml.bundle import BundleError, load_bundle, read_meta, weights_sha256, write_meta
+from core.ml.bundle import BundleError, BundleMeta, load_bundle, read_meta, weights_sha256
 from core.ml.ood import OOD_FILE, ORIENTATIONS, energy, mahalanobis, save_guard
 from core.ml.scoring import score_images
 from core.models import AuditEvent, Status
@@ -172,12 +173,11 @@ def guarded_bundle(directory, *, threshold: float):
     tensors = {"class_means": torch.zeros(2, c), "precision": torch.eye(c), "emb_mean": torch.zeros(c),
                "emb_scale": torch.ones(c), "probe_weight": torch.zeros(len(ORIENTATIONS), c),
                "probe_bias": torch.tensor([1.0, 0, 0, 0, 0])}
-    meta = read_meta(directory)
-    meta["ood"] = save_guard(directory, tensors, {
+    ood = save_guard(directory, tensors, {
         "threshold": threshold, "norm": {"distance_mean": 0.0, "distance_std": 1.0, "energy_weight": 0.0},
         "score": "distance to 0 (test)", "n_train": 0, "shrinkage": 0.0, "threshold_rule": "set by the test",
         "orientation": {"upright_min": 0.5, "rule": "test", "probe_films": 0}})
-    write_meta(directory, meta)
+    replace(BundleMeta.read(directory), ood=ood).write(directory)
     return directory
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from core import calibrations, monitoring
 from core.db import get_engine, session_scope
+from core.ml.bundle import BundleMeta
 from core.ml.calibration import calibrator_from_dict
 from core.models import AuditEvent, Study, utcnow
 from core.settings import Settings
@@ -31,10 +32,12 @@ def site(db_url, tmp_path):
     """A bundle with a reference histogram, its calibration in force, and 200 reviewed cases of a hospital where
     the model is over-confident (pneumonia with probability σ(z/3 − 1)): the ECE alert fires."""
     bundle = make_bundle(tmp_path / "bundle")
-    meta = json.loads((bundle / "bundle.json").read_text())
+    described = BundleMeta.read(bundle)
     rng = np.random.default_rng(0)
-    meta["reference_scores"] = monitoring.score_histogram(rng.normal(1.0, 4.0, 1000))
-    (bundle / "bundle.json").write_text(json.dumps(meta))
+    reference = monitoring.score_histogram(rng.normal(1.0, 4.0, 1000))
+    described = replace(described, extra={**described.extra, "reference_scores": reference})
+    described.write(bundle)
+    meta = described.to_dict()
     settings = Settings(data_dir=tmp_path / "data", inbox=tmp_path / "inbox", database_url=db_url, model_dir=bundle)
     settings.ensure_dirs()
     z = rng.normal(1.0, 4.0, 200)

@@ -1,15 +1,15 @@
 """Precision chosen by measurement: forced modes are honoured, bf16 only where the bundle allows it."""
 from __future__ import annotations
 
-import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 from core.films.imaging import load_grayscale
 from core.ml import precision
-from core.ml.bundle import META_FILE, load_bundle
+from core.ml.bundle import BundleMeta, load_bundle
 from core.ml.scoring import score_images
 from tests.conftest import fixture_images
 
@@ -19,9 +19,7 @@ def no_bf16_bundle(bundle_dir, tmp_path):
     """The test bundle with a recorded check that forbids bf16 (its accuracy dropped too much)."""
     out = tmp_path / "nobf16"
     shutil.copytree(bundle_dir, out)
-    meta = json.loads((out / META_FILE).read_text())
-    meta["bf16_check"] = {"use_bf16": False}
-    (out / META_FILE).write_text(json.dumps(meta))
+    replace(BundleMeta.read(out), bf16_check={"use_bf16": False}).write(out)
     return out
 
 

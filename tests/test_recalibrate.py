@@ -42,16 +42,16 @@ def test_recalibration_on_a_shifted_cohort_lowers_ece(bundle_dir, tmp_path):
     z, y = shifted_cohort(300)
     out = tmp_path / "local"
     meta = recalibrate(write_feedback(tmp_path / "feedback.csv", z, y, version), bundle_dir, out)
-    r = meta["recalibration"]
+    r = meta.extra["recalibration"]
     assert r["n"] == 300 and r["chosen"] in ("temperature", "platt", "isotonic")
     assert r["after_cross_validated"]["ece"] < r["before"]["ece"] / 2
     assert r["after_cross_validated"]["sensitivity"] >= 0.8
-    assert meta["version"] == version  # same weights, same model version
-    assert meta["calibration"]["version"] != read_meta(bundle_dir)["calibration"]["version"]
+    assert meta.version == version  # same weights, same model version
+    assert meta.calibration["version"] != read_meta(bundle_dir)["calibration"]["version"]
     assert (out / "model.safetensors").read_bytes() == (bundle_dir / "model.safetensors").read_bytes()
     assert (out / "report" / "README.md").exists() and (out / "report" / "reliability.png").exists()
     new = load_bundle(out)
-    assert new.threshold == pytest.approx(meta["threshold"])
+    assert new.threshold == pytest.approx(meta.threshold)
 
 
 @pytest.mark.parametrize("n,single_class,other_model,message", [

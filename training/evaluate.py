@@ -13,6 +13,7 @@ from core.films.imaging import load_grayscale
 from core.ml.bundle import Bundle
 from core.ml.calibration import confusion_at, threshold_for_sensitivity
 from core.ml.scoring import ScoreResult, score_images
+from core.settings import DEFAULT_TARGET_SENSITIVITY
 from training.data import list_split
 from training.report import ECE_DEFINITION, metrics, metrics_table, plot_curves
 
@@ -65,7 +66,7 @@ def evaluate(bundle: Bundle, data_root: Path, split: str, out_dir: Path, *, batc
     raw = np.array([r.probability for _, r in keep])
     cal = np.array([r.score for _, r in keep])
     m = metrics(y, raw, cal, bundle.threshold)
-    target = float(bundle.meta.get("target_sensitivity", 0.9))
+    target = float(bundle.meta.get("target_sensitivity", DEFAULT_TARGET_SENSITIVITY))
     t_data = threshold_for_sensitivity(cal, y, target)
     result = {
         "model_version": bundle.version, "calibration_version": bundle.calibration_version,

@@ -5,6 +5,7 @@ import datetime as dt
 import hashlib
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,12 @@ from sklearn.metrics import roc_auc_score
 
 from core.calibrations import version_name
 from core.ml import precision
-from core.ml.bundle import BF16_MAX_AUC_DROP, FORMAT_VERSION, load_network, save_weights, write_meta
+from core.ml.bundle import BF16_MAX_AUC_DROP, BundleMeta, load_network, save_weights
 from core.ml.calibration import calibrator_to_dict, fit_and_select, threshold_for_sensitivity
 from core.ml.network import ARCHITECTURE, build_network
 from core.ml.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from core.monitoring import score_histogram
+from core.settings import DEFAULT_TARGET_SENSITIVITY
 from training.data import read_split_file
 from training.ood_bundle import guard_mode, install_guard
 from training.ood_eval import replace_section, report_section
@@ -69,8 +71,8 @@ def epoch_table(log: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivity: float = 0.90,
-             ood_per_family: int = 60) -> dict:
+def finalize(run_dir: Path, data_root: Path, bundle_dir: Path,
+             target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, ood_per_family: int = 60) -> BundleMeta:
     """Writes bundle_dir from run_dir/best.pt and the run's split; returns the bundle metadata."""
     run_dir, bundle_dir = Path(run_dir), Path(bundle_dir)
     splits = read_split_file(run_dir / "split.csv", data_root)
@@ -102,42 +104,42 @@ def finalize(run_dir: Path, data_root: Path, bundle_dir: Path, target_sensitivit
     train_cfg = json.loads((run_dir / "train_config.json").read_text())
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     created = dt.datetime.now(dt.timezone.utc)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "version": f"{ARCHITECTURE}-{created:%Y%m%d}-{sha[:8]}",
-        "architecture": ARCHITECTURE, "input_size": INPUT_SIZE, "channels": 3,
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "preprocessing": "8-bit grayscale -> 224x224 bilinear (aspect ignored) -> 3 channels -> ImageNet mean/std",
-        "weights_sha256": sha, "weights_dtype": "float16",
-        "calibration": {**spec, "version": version_name(spec=spec, threshold=threshold),
-                        "fitted_on": "validation calibration half",
-                        "n": int(len(y_cal)), "selection": cal_table},
-        "threshold": threshold, "target_sensitivity": target_sensitivity,
-        "bf16_check": {"val_roc_auc_fp32": float(auc32), "val_roc_auc_bf16": float(auc16),
-                       "drop": float(auc32 - auc16), "max_drop": BF16_MAX_AUC_DROP, "use_bf16": use_bf16},
-        "training": {**train_cfg, "epochs_run": len(log), "best_epoch": best_epoch(log),
-                     "seconds": round(sum(r["seconds"] for r in log), 1), "torch": torch.__version__},
-        "split": {"file": "split.csv", "sha256": hashlib.sha256((run_dir / "split.csv").read_bytes()).hexdigest(),
-                  "counts": {k: len(v) for k, v in splits.items()}},
-        "metrics": {"report_half": report_metrics, "calibration_half": cal_metrics},
-        # What the service's scores should look like: core.monitoring measures local drift against it.
-        "reference_scores": {**score_histogram(z_rep), "computed_on": "validation report half",
-                             "precision": "bf16" if use_bf16 else "fp32"},
-        "code_version": code_version(), "created_at": created.isoformat(timespec="seconds"),
-    }
+    meta = BundleMeta(
+        version=f"{ARCHITECTURE}-{created:%Y%m%d}-{sha[:8]}", architecture=ARCHITECTURE, input_size=INPUT_SIZE,
+        channels=3, normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, weights_sha256=sha,
+        calibration={**spec, "version": version_name(spec=spec, threshold=threshold),
+                     "fitted_on": "validation calibration half", "n": int(len(y_cal)), "selection": cal_table},
+        threshold=threshold, target_sensitivity=target_sensitivity,
+        bf16_check={"val_roc_auc_fp32": float(auc32), "val_roc_auc_bf16": float(auc16),
+                    "drop": float(auc32 - auc16), "max_drop": BF16_MAX_AUC_DROP, "use_bf16": use_bf16},
+        extra={
+            "preprocessing": "8-bit grayscale -> 224x224 bilinear (aspect ignored) -> 3 channels -> ImageNet mean/std",
+            "weights_dtype": "float16",
+            "training": {**train_cfg, "epochs_run": len(log), "best_epoch": best_epoch(log),
+                         "seconds": round(sum(r["seconds"] for r in log), 1), "torch": torch.__version__},
+            "split": {"file": "split.csv",
+                      "sha256": hashlib.sha256((run_dir / "split.csv").read_bytes()).hexdigest(),
+                      "counts": {k: len(v) for k, v in splits.items()}},
+            "metrics": {"report_half": report_metrics, "calibration_half": cal_metrics},
+            # What the service's scores should look like: core.monitoring measures local drift against it.
+            "reference_scores": {**score_histogram(z_rep), "computed_on": "validation report half",
+                                 "precision": "bf16" if use_bf16 else "fp32"},
+            "code_version": code_version(), "created_at": created.isoformat(timespec="seconds"),
+        })
     # The out-of-distribution guard (core.ml.ood): fitted on the training films, thresholds on the calibration half,
     # figures on the report half and a synthesised OOD set; embedded in the precision the CPU service runs.
-    mode = guard_mode(meta)
+    mode = guard_mode(meta.to_dict())
     precision.prepare(net, torch.device("cpu"), mode)
-    meta["ood"] = install_guard(bundle_dir, net, mode, x_train=cache_images(splits["train"], run_dir / "cache_train.npy"),
-                                y_train=np.array([it.label for it in splits["train"]]), x_cal=x_val[:n_cal],
-                                x_rep=x_val[n_cal:], items=splits, n_per_family=ood_per_family)
-    write_meta(bundle_dir, meta)
+    meta = replace(meta, ood=install_guard(
+        bundle_dir, net, mode, x_train=cache_images(splits["train"], run_dir / "cache_train.npy"),
+        y_train=np.array([it.label for it in splits["train"]]), x_cal=x_val[:n_cal], x_rep=x_val[n_cal:],
+        items=splits, n_per_family=ood_per_family))
+    meta.write(bundle_dir)
     (bundle_dir / "split.csv").write_bytes((run_dir / "split.csv").read_bytes())
     (bundle_dir / "train_log.jsonl").write_bytes((run_dir / "train_log.jsonl").read_bytes())
     plots = plot_curves(y_rep, expit(z_rep), calibrator.predict(z_rep), bundle_dir / "report", "validation report half")
-    write_training_report(bundle_dir, meta, cal_table, log, plots)
-    replace_section(bundle_dir / "report" / "README.md", report_section(meta["ood"]))
+    write_training_report(bundle_dir, meta.to_dict(), cal_table, log, plots)
+    replace_section(bundle_dir / "report" / "README.md", report_section(meta.ood))
     return meta
 
 

@@ -5,18 +5,23 @@ import datetime as dt
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 
-from core.ml.calibration import (CALIBRATORS, brier, calibrator_from_dict, calibrator_to_dict, confusion_at,
-                              expected_calibration_error, threshold_for_sensitivity)
 from core.calibrations import version_name
 from core.feedback import read_feedback_csv
+from core.ml.calibration import (CALIBRATORS, brier, calibrator_from_dict, calibrator_to_dict, confusion_at,
+                                 expected_calibration_error, threshold_for_sensitivity)
+from core.settings import DEFAULT_TARGET_SENSITIVITY
 from training.report import ECE_DEFINITION, plot_curves
+
+if TYPE_CHECKING:  # core.ml.bundle imports torch, which the web process (web.performance) never loads
+    from core.ml.bundle import BundleMeta
 
 MIN_CASES = 30
 RECOMMENDED_CASES = 100
@@ -100,19 +105,19 @@ def fit_local(z, y, *, current: dict, current_threshold: float, target_sensitivi
 
 
 def recalibrate(feedback_csv: Path, bundle_dir: Path, out_dir: Path, *, target_sensitivity: float | None = None,
-                seed: int = 0) -> dict:
+                seed: int = 0) -> BundleMeta:
     """Writes a new bundle in out_dir sharing the weights, with a locally fitted calibrator and threshold."""
-    from core.ml.bundle import WEIGHTS_FILE, read_meta, write_meta  # torch stays out of the web process
+    from core.ml.bundle import WEIGHTS_FILE, BundleMeta  # torch stays out of the web process
 
-    meta = read_meta(bundle_dir)
+    meta = BundleMeta.read(bundle_dir)
     excluded: dict[str, int] = {}  # findings that are not labels: recorded, reported, never fitted on
     logits, labels, versions = read_feedback_csv(feedback_csv, excluded=excluded)
-    notes = check_cohort(labels, versions, meta["version"])
+    notes = check_cohort(labels, versions, meta.version)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     z, y = np.asarray(logits, float), np.asarray(labels, int)
-    target = float(target_sensitivity or meta.get("target_sensitivity", 0.9))
-    fit = fit_local(z, y, current=meta["calibration"], current_threshold=meta["threshold"],
+    target = float(target_sensitivity or meta.target_sensitivity or DEFAULT_TARGET_SENSITIVITY)
+    fit = fit_local(z, y, current=meta.calibration, current_threshold=meta.threshold,
                     target_sensitivity=target, seed=seed)
     final, threshold, spec, n_splits = fit.calibrator, fit.threshold, fit.spec, fit.n_splits
     before, candidates, best = fit.before, fit.candidates, fit.chosen
@@ -125,20 +130,20 @@ def recalibrate(feedback_csv: Path, bundle_dir: Path, out_dir: Path, *, target_s
               "cv_folds": n_splits, "target_sensitivity": target, "before": before,
               "after_cross_validated": candidates[best], "candidates_cross_validated": candidates,
               "chosen": best, "warnings": notes}
-    new_meta = {**meta, "threshold": threshold, "target_sensitivity": target,
-                "calibration": {**spec, "version": fit.version,
-                                "fitted_on": f"local feedback ({len(y)} cases)",
-                                "parent_version": meta["calibration"]["version"]},
-                "recalibration": {**report, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
-    write_meta(out_dir, new_meta)
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    new_meta = replace(meta, threshold=threshold, target_sensitivity=target,
+                       calibration={**spec, "version": fit.version, "fitted_on": f"local feedback ({len(y)} cases)",
+                                    "parent_version": meta.calibration["version"]},
+                       extra={**meta.extra, "recalibration": {**report, "created_at": created}})
+    new_meta.write(out_dir)
     plots = plot_curves(y, expit(z), final.predict(z), out_dir / "report", "local feedback cohort")
     rows = "\n".join(f"| {name} | {v['ece']:.4f} | {v['brier']:.4f} | {v['sensitivity']:.4f} | {v['specificity']:.4f} |"
                      for name, v in [("before (current calibration)", before)]
                      + [(f"after: {k} (cross-validated)", v) for k, v in candidates.items()])
     (out_dir / "report").mkdir(exist_ok=True)
-    (out_dir / "report" / "README.md").write_text(f"""# Local recalibration — {new_meta['calibration']['version']}
+    (out_dir / "report" / "README.md").write_text(f"""# Local recalibration — {new_meta.calibration['version']}
 
-Feedback: {feedback_csv} — {len(y)} reviewed cases ({int(y.sum())} pneumonia). Model {meta['version']} (weights unchanged).
+Feedback: {feedback_csv} — {len(y)} reviewed cases ({int(y.sum())} pneumonia). Model {meta.version} (weights unchanged).
 Calibrators compared by {n_splits}-fold cross-validated ECE; in each fold the threshold was re-picked on the
 training folds for sensitivity ≥ {target}. Chosen: **{best}**, refitted on all cases; threshold {threshold:.4f}.
 {''.join(chr(10) + '> ' + n for n in notes)}

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from core import calibrations, cohort, monitoring
 from core.auth import role_allows
 from core.ml.calibration import CALIBRATORS, calibrator_from_dict
+from core.settings import DEFAULT_TARGET_SENSITIVITY
 from training.recalibrate import RecalibrationRefused, check_cohort, cross_validated, fit_local
 from web.access import ADMIN, ADMIN_POST, DOCTOR, Admin
 from web.deps import SessionDep, SettingsDep, client_host
@@ -66,7 +67,7 @@ def _fit(session, meta: dict, win: cohort.Window):
     cases = cohort.reviewed(session, window=win)
     notes = check_cohort(cases.labels.tolist(), set(cases.model_versions), meta["version"])
     kind, params, threshold, _ = monitoring.calibration_for(session, meta)
-    target = float(meta.get("target_sensitivity", 0.9))
+    target = float(meta.get("target_sensitivity", DEFAULT_TARGET_SENSITIVITY))
     fit = fit_local(cases.logits, cases.labels, current={"kind": kind, "params": params},
                     current_threshold=threshold, target_sensitivity=target)
     return fit, cases, notes

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ def write_meta(directory: Path, meta: dict) -> None:
 
 
 def read_meta(directory: Path) -> dict:
-    """Reads and checks bundle.json."""
+    """Reads and checks bundle.json (as a plain dict; BundleMeta.read gives the typed description)."""
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise BundleError(f"no {META_FILE} in {directory}: not a Chest-Aid model bundle")
@@ -53,6 +53,69 @@ def read_meta(directory: Path) -> dict:
         raise BundleError(f"unsupported bundle in {directory}: format {meta.get('format_version')}, "
                           f"architecture {meta.get('architecture')}")
     return meta
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    """bundle.json, typed: what the service and the tools read is a field; the figures and reports (metrics,
+    training, split, reference_scores, shift_suite, recalibration, ...) stay in `extra`, written back unchanged.
+
+    Optional fields left None are not written, so a bundle read and written again keeps exactly its keys.
+    """
+
+    version: str
+    calibration: dict  # core.ml.calibration.calibrator_to_dict, plus its "version" and where it was fitted
+    threshold: float
+    weights_sha256: str | None = None  # sha256 of model.safetensors; load_bundle refuses weights that differ
+    target_sensitivity: float | None = None  # the operating point the threshold was chosen for
+    input_size: int | None = None
+    channels: int | None = None
+    normalization: dict | None = None
+    bf16_check: dict | None = None  # the recorded accuracy check that allows or forbids bf16 inference
+    ood: dict | None = None  # the out-of-distribution guard's section (core.ml.ood.load_guard)
+    format_version: int = FORMAT_VERSION
+    architecture: str = ARCHITECTURE
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, meta: dict) -> "BundleMeta":
+        """Splits a bundle.json dict into the typed fields and `extra`."""
+        missing = [k for k in ("version", "calibration", "threshold") if k not in meta]
+        if missing:
+            raise BundleError(f"{META_FILE} lacks {', '.join(missing)}")
+        typed = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in meta.items() if k in typed},
+                   extra={k: v for k, v in meta.items() if k not in typed})
+
+    def to_dict(self) -> dict:
+        """The bundle.json dict: `extra`, then every typed field that is set."""
+        typed = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **{k: v for k, v in typed.items() if v is not None}}
+
+    @classmethod
+    def read(cls, directory: Path) -> "BundleMeta":
+        """Reads and checks a bundle folder's bundle.json."""
+        return cls.from_dict(read_meta(directory))
+
+    def write(self, directory: Path) -> None:
+        """Writes bundle.json into a bundle folder."""
+        write_meta(Path(directory), self.to_dict())
+
+
+def check_weights(directory: Path, meta: dict) -> None:
+    """Refuses a weights file other than the one bundle.json records (replaced, or corrupted in a copy).
+
+    Bundles written before the hash was recorded carry none and are not checked.
+    """
+    expected = meta.get("weights_sha256")
+    path = Path(directory) / WEIGHTS_FILE
+    if expected is None or not path.is_file():
+        return
+    actual = weights_sha256(path)
+    if actual != expected:
+        raise BundleError(f"{path} does not match {META_FILE}: its sha256 is {actual[:12]}…, the bundle records "
+                          f"weights_sha256 {expected[:12]}…. The weights were replaced or damaged; copy the "
+                          "whole bundle folder again (a calibration is only valid for the weights it was fitted on)")
 
 
 def load_network(directory: Path) -> nn.Module:
@@ -118,10 +181,12 @@ def bf16_allowed(meta: dict) -> bool:
 def load_bundle(directory: str | Path, device: str | None = None, mode: str = "auto") -> Bundle:
     """Loads a bundle and picks its precision: `mode` forces one, "auto" measures (core.ml.precision.choose).
 
-    bf16 is never used when the bundle's accuracy check forbids it, whatever the hardware.
+    Weights whose sha256 differs from the recorded weights_sha256 are refused (BundleError). bf16 is never used
+    when the bundle's accuracy check forbids it, whatever the hardware.
     """
     directory = Path(directory)
     meta = read_meta(directory)
+    check_weights(directory, meta)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_network(directory)
     choice = precision.choose(net, dev, bf16_allowed=bf16_allowed(meta), forced=mode,

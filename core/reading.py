@@ -1,4 +1,4 @@
-"""Soft "being read by" marks (issue 11): who has a study open, shown to others on the worklist and the study
+"""Soft "being read by" marks: who has a study open, shown to others on the worklist and the study
 page. A mark never blocks anyone; it is kept fresh by the open page and expires when the page goes away."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The storm (issue 8, "No film lost, no worker killed twice"): drop a plan of good and bad files into a live
+"""The storm ("no film lost, no worker killed twice"): drop a plan of good and bad files into a live
 stack, SIGKILL workers, restart Redis and the ingester meanwhile, wait for it to drain with no manual step,
 then audit every dropped file against the database, the archive, the heat-maps and the worker logs.
 

@@ -1,4 +1,4 @@
-"""The worklist as a reading tool (issue 11), in headless Debian Chromium: focus kept across live updates and
+"""The worklist as a reading tool, in headless Debian Chromium: focus kept across live updates and
 arrivals announced, the keyboard reading flow, the film viewer, search and the safe threshold change.
 
 Uses the server and browser fixtures of tests/test_browser.py (uvicorn serving the real app over real films).

@@ -1,4 +1,4 @@
-"""The worklist as a reading tool (issue 11), part two, in headless Debian Chromium: the threshold preview and
+"""The worklist as a reading tool, part two, in headless Debian Chromium: the threshold preview and
 admin confirmations, the what-if number box and local times, the phone layout and other findings, and the
 soft "being read by" mark seen by a second user. Fixtures: tests/test_browser.py.
 """

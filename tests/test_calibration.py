@@ -6,8 +6,8 @@ from sklearn.calibration import _SigmoidCalibration
 from sklearn.isotonic import IsotonicRegression
 
 from core.ml.calibration import (IsotonicCalibration, PlattScaling, TemperatureScaling, calibrator_from_dict,
-                              calibrator_to_dict, confusion_at, expected_calibration_error, fit_and_select,
-                              threshold_for_sensitivity)
+                                 calibrator_to_dict, confusion_at, expected_calibration_error, fit_and_select,
+                                 threshold_for_sensitivity)
 
 
 def synthetic(n=20000, temperature=2.0, seed=0):

@@ -1,4 +1,4 @@
-"""CSV formula injection (issue 8): feedback.csv and the audit export neutralise cells a spreadsheet would run,
+"""CSV formula injection: feedback.csv and the audit export neutralise cells a spreadsheet would run,
 with one shared helper, while numbers (negative logits included) stay numbers the recalibration reads back."""
 from __future__ import annotations
 

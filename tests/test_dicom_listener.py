@@ -18,13 +18,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from core.films.dicom import header_identity, read_dicom_info
+from core.films.imaging import load_grayscale
 from core.intake.dicom_listener import (
     OUT_OF_RESOURCES,
     STORAGE_CLASSES,
     start_listener,
     stop_listener,
 )
-from core.films.imaging import load_grayscale
 from core.settings import Settings
 from tests.conftest import fixture_images
 from tests.dicom_samples import (

@@ -1,4 +1,4 @@
-"""Intake faults (issue 8, "no film lost"): a name reused while the first film is recorded, a sender still
+"""Intake faults ("no film lost"): a name reused while the first film is recorded, a sender still
 writing after the claim, links and pipes in the inbox, oversize files, and resends of failed or refused
 DICOM instances. Real files, the real ingest_file, real databases (SQLite and PostgreSQL)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reading flow's server side (issue 11): record a finding and go on to the next unread study, search,
+"""The reading flow's server side: record a finding and go on to the next unread study, search,
 filters and sorts of the worklist, the threshold preview and confirmations (real app, real DB, real films)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The storm (issue 8): on both stacks, a burst of good, corrupt, empty, slow, duplicate, replaced, linked and
+"""The storm: on both stacks, a burst of good, corrupt, empty, slow, duplicate, replaced, linked and
 poison files while workers are SIGKILLed, Redis and the ingester restarted; afterwards every file is accounted
 for exactly once, nothing is scored twice, the archive matches, the workers live and /healthz is ok.
 

@@ -540,7 +540,7 @@ def test_module_app_is_lazy(tmp_path, monkeypatch):
     assert web.app.app.state.settings is None  # uvicorn web.app:app reads settings on the first request
 
 
-# --- paging and the idle poll (issue 9) -----------------------------------------------------------------------
+# --- paging and the idle poll -----------------------------------------------------------------------------------
 
 
 def test_api_pages_follow_link_next_to_every_row_once(client, site):

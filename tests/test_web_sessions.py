@@ -1,6 +1,6 @@
-"""Issue 8 over HTTP, on migrated SQLite and Postgres: sign-out revokes copied cookies server-side, sign-in
-throttling slows one client for one account without locking the owner out, and X-Forwarded-For is believed
-only from a trusted proxy."""
+"""Session and sign-in hardening over HTTP, on migrated SQLite and Postgres: sign-out revokes copied cookies
+server-side, sign-in throttling slows one client for one account without locking the owner out, and
+X-Forwarded-For is believed only from a trusted proxy."""
 from __future__ import annotations
 
 import time

@@ -142,7 +142,7 @@ def test_status_strip_counts_workers_and_calibration(db_url):
         assert entries[1].study.score == pytest.approx(0.8807970779778823)
 
 
-# --- paging at scale (issue 9) and grouping by patient (issue 8) ------------------------------------------
+# --- paging at scale and grouping by patient --------------------------------------------------------------
 
 
 def add_dicom(session, name: str, *, uid: str, patient: str, score: float, minutes_ago: float) -> int:

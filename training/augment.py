@@ -51,7 +51,7 @@ def piece(name: str, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
         "contrast": lambda: v2.ColorJitter(brightness=0.2, contrast=0.3),
         "blur": lambda: v2.RandomApply([v2.GaussianBlur(kernel_size=7, sigma=(0.2, 1.8))], p=0.3),
         "noise": lambda: RandomNoise(),
-        # The recipe before issue 12, kept so it can be measured against the robust one.
+        # The earlier, light recipe, kept so the robust one can be measured against it.
         "basic": lambda: v2.Compose([v2.RandomRotation(5), v2.ColorJitter(brightness=0.1, contrast=0.1)]),
     }
     if name not in pieces:

@@ -1,7 +1,8 @@
 """Checkpoint selection and early stopping on the shift suite, tie-broken by clean validation.
 
 Clean validation is 0.998–0.999 for a model that generalises and for one that memorised the training hospital
-alike (issue 12), so it only decides between epochs whose shift-suite mean ROC-AUC is the same within `tie`.
+alike, so it cannot tell them apart: it only decides between epochs whose shift-suite mean ROC-AUC is the same
+within `tie`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The stale sweep's rule: which unfinished studies the ingester sends to the broker again (issue 8).
+"""The stale sweep's rule: which unfinished studies the ingester sends to the broker again.
 
 Re-sending is the safety net for a lost broker message or a worker that died holding a claim. It must not
 re-send healthy work: under a backlog queued studies wait in the broker legitimately, and a live worker's

@@ -120,7 +120,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _wait_for_worker(db_url: str, timeout: float = 120) -> None:
+def _wait_for_worker(db_url: str, timeout: float = 300) -> None:
     from core.models import WorkerHeartbeat
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     # client may ask for.
     page_size: int = 50
     max_page_size: int = 200
+    # The worklist page's other sections (in progress, refused, failed, duplicates) show this many rows a page
+    # under the list to read, each with its count and "Next" pages: the page a reader keeps open stays short and
+    # cheap to refresh every few seconds however many failures a year has collected.
+    side_page_size: int = 10
     # C-STORE receiver: loopback unless set (e.g. 0.0.0.0) for modalities and PACS on the network.
     dicom_host: str = "127.0.0.1"
     dicom_port: int = 11112

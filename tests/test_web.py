@@ -587,6 +587,32 @@ def test_worklist_pages_have_next_links_and_the_poll_refreshes_the_page_shown(si
         assert c.get("/?view=unread&section=unread&cursor=bogus").status_code == 422
 
 
+def test_side_sections_show_a_short_page_under_the_list_to_read(site):
+    # The failed, refused, duplicate and in-progress tables show side_page_size rows with the full count and a
+    # "Next" page; the list to read keeps page_size.
+    settings = site.settings.model_copy(update={"page_size": 50, "side_page_size": 1})
+    add_user(settings, "sam", "nurse")
+    with session_scope(settings.database_url) as s:
+        for i in range(2):  # two more failures, newer than the site's own
+            junk = settings.data_dir / f"junk{i}.png"
+            junk.write_text(f"not a film {i}")
+            repo.mark_failed(s, study_id=archive(settings, s, junk), reason="not a PNG, JPEG or DICOM file")
+        failed = [st.id for st in s.scalars(select(Study).where(Study.status == "failed")
+                                             .order_by(Study.received_at.desc(), Study.id.desc()))]
+    assert len(failed) == 3
+    with TestClient(create_app(settings)) as c:
+        sign_in(c, "sam")
+        html = c.get("/").text
+        assert row_ids(html, "unread") == [site.flagged, site.overdue, *site.scored[1:]]
+        assert row_ids(html, "failed") == failed[:1]
+        assert re.search(r'id="count-failed">(\d+)<', html).group(1) == str(len(failed))
+        nxt = re.findall(r'class="page-next" rel="next" href="([^"]+section=failed[^"]*)"', html)
+        assert nxt
+        page2 = c.get(nxt[0].replace("&amp;", "&")).text
+        assert row_ids(page2, "failed") == failed[1:2]
+        assert row_ids(page2, "unread") == [site.flagged, site.overdue, *site.scored[1:]]  # first page of the others
+
+
 def test_idle_poll_answers_304_and_a_change_gives_a_new_version(client, site):
     # Waiting times are shown to the second under a minute; age the studies so that only real changes count.
     with session_scope(site.settings.database_url) as s:

@@ -1,4 +1,4 @@
-"""The worklist at a year of studies (issue 9): seeds N realistic studies and prints p50/p95 per endpoint.
+"""The worklist at a year of studies: seeds N realistic studies and prints p50/p95 per endpoint.
 
     .venv/bin/python bench/scale.py --studies 10000 100000 --db sqlite postgres
 

@@ -1,4 +1,4 @@
-"""The storm (issue 8) at full size: N files (default 1,000) of which 10% corrupt or truncated, 5% empty, 5%
+"""The intake storm at full size: N files (default 1,000) of which 10% corrupt or truncated, 5% empty, 5%
 written slowly, 5% duplicates, 5% same-name replacements, a few links and one poison film, dropped as fast as
 possible into a live stack while workers are SIGKILLed twice, Redis (redis stack) and the ingester restarted.
 

@@ -249,7 +249,7 @@ def images_of(session: Session, *, studies: list[Study]) -> dict[int, list[Study
     """Returns, in one query, the images of each study's DICOM study (same patient and Study Instance UID, no
     duplicates, oldest first) by study id; a PNG/JPEG film or a duplicate is its only image.
 
-    The patient is part of the key because senders reuse UIDs: two patients under one UID stay apart (issue 8).
+    The patient is part of the key because senders reuse UIDs: two patients under one UID stay apart.
     """
     uids = {s.study_instance_uid for s in studies if s.study_instance_uid and s.status != Status.DUPLICATE}
     by_key: dict[str, list[Study]] = {}

@@ -197,4 +197,6 @@ def _persist(c: Claimed, img, res, decode_ms: float, *, bundle: Bundle, settings
                                  model_version=bundle.version, score=res.score, threshold=threshold,
                                  calibration_version=cal_version, width=img.size[0], height=img.size[1],
                                  heatmap_path=heat_rel, timings=timings)
+    if stored:  # logged as each result lands: a worker killed mid-batch has still said which it stored
+        log.info("study %s stored as scored", c.study_id)
     return "scored" if stored else "skipped"

@@ -27,6 +27,7 @@ from tests.storm_stack import StormStack
 POISON_MARKER = "chestaid-poison-pill"
 SCORABLE = ("film", "slow", "replacement")
 _FINISHED = re.compile(r"finished (\{[^}\n]*\})")
+_STORED = re.compile(r"study (\d+) stored as scored")
 _POOL_DEATH = re.compile(r"Process 'ForkPoolWorker-\d+' pid:\d+ exited with")
 
 
@@ -257,9 +258,14 @@ def _check_single_scoring(report: Report, rows: list[Study], data_dir: Path, wor
     per_sha = Counter(r.sha256 for r in scored)
     report.double_scored += [f"{sha[:12]} scored as {n} studies" for sha, n in per_sha.items() if n > 1]
     outcomes: Counter = Counter()
+    # Scored outcomes from the line each result logs as it is stored (a task's closing "finished" line is lost
+    # when the chaos kills its worker mid-batch); the other outcomes from those closing lines.
     for match in _FINISHED.finditer(worker_logs):
         for sid, outcome in ast.literal_eval(match.group(1)).items():
-            outcomes[(int(sid), outcome)] += 1
+            if outcome != "scored":
+                outcomes[(int(sid), outcome)] += 1
+    for match in _STORED.finditer(worker_logs):
+        outcomes[(int(match.group(1)), "scored")] += 1
     report.double_scored += [f"study {sid} scored {n} times (worker logs)" for (sid, o), n in outcomes.items()
                              if o == "scored" and n > 1]
     logged = sum(n for (_, o), n in outcomes.items() if o == "scored")

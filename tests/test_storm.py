@@ -69,7 +69,9 @@ def test_the_audit_catches_lost_twice_recorded_double_scored_and_altered_files(t
             row(5, films[3], heatmap=False)]  # scored without a heat-map
     (data_dir / "heatmaps" / "9.png").write_bytes(b"png")  # a heat-map of a study that is not scored
     (tmp_path / "inbox" / "stuck.png").write_bytes(b"x")
-    logs = "finished {1: 'scored'}\nfinished {1: 'scored'}\nfinished {2: 'scored', 3: 'scored'}\n"
+    # Each stored result logs a line (a study stored twice shows twice); a task's closing line lists the rest.
+    logs = ("study 1 stored as scored\nfinished {1: 'scored'}\nstudy 1 stored as scored\nfinished {1: 'scored'}\n"
+            "study 2 stored as scored\nstudy 3 stored as scored\nfinished {2: 'scored', 3: 'scored', 4: 'skipped'}\n")
     report = Report("unit", dropped=len(files))
     audit(report, entries=files, rows=rows, data_dir=data_dir, inbox=tmp_path / "inbox", worker_logs=logs,
           max_claims=3)

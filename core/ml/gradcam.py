@@ -76,7 +76,7 @@ def heatmap_png(cam: np.ndarray | torch.Tensor, size: tuple[int, int], max_side:
     encodes it as an 8-bit grayscale PNG."""
     width, height = heatmap_size(size, max_side)
     # PIL, not torch: this runs in the pipeline's stage threads beside the network's forward pass, and a torch op
-    # there starts a second OpenMP team on the same cores (the forward pass then ran up to 6× slower). PIL's
+    # there starts a second OpenMP team on the same cores, and the two teams slow each other down. PIL's
     # bilinear resize equals F.interpolate(align_corners=False) here to 1e-6.
     cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
     up = Image.fromarray(cam.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)

@@ -75,6 +75,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         _wait_for_worker(db_url)
         films = source_films(n)
         dropped = {}
+        cpu_start = [_tree_cpu_seconds(p.pid) for p in procs]
         t_start = time.time()
         for i, film in enumerate(films):
             name = f"bench_{i:04d}_{film.name}"
@@ -89,6 +90,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         wall = max(r.scored_at.timestamp() for r in rows if r.scored_at) - t_start
         latencies = sorted(r.scored_at.timestamp() - dropped[r.source_name] for r in rows if r.scored_at)
         failed = [r for r in rows if r.status != Status.SCORED]
+        cpu = [_tree_cpu_seconds(p.pid) - c0 for p, c0 in zip(procs, cpu_start)]
         print(f"\n== {label}: {n} films, worker concurrency {concurrency} ==")
         print(f"throughput       {len(latencies) / wall:.2f} studies/s ({len(latencies)} scored in {wall:.1f} s, "
               f"{len(failed)} not scored)")
@@ -100,6 +102,10 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
             if vals:
                 print(f"{stage:16s} median {statistics.median(vals):8.1f} ms   p95 "
                       f"{sorted(vals)[min(len(vals) - 1, int(0.95 * len(vals)))]:8.1f} ms")
+        # Where the machine's time went: the model's share is what the rest (ingest, decode, encode, database,
+        # broker) leaves it, so these say what to cut next.
+        print(f"cpu seconds      worker {cpu[0]:.1f}, ingester {cpu[1]:.1f} "
+              f"({1000 * cpu[1] / n:.0f} ms per film); wall {wall:.1f} s on {os.cpu_count()} cores")
         sizes = [r.timings.get("batch_size", 1) for r in rows if r.timings]
         if sizes:
             print(f"batch size       mean {statistics.mean(sizes):.1f}")
@@ -118,6 +124,25 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its live descendants (Linux /proc)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        kids = [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in tree]
+        tree.update(kids)
+        frontier += kids
+    return sum(stats[pid][1] for pid in tree if pid in stats) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_for_worker(db_url: str, timeout: float = 300) -> None:

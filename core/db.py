@@ -5,8 +5,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import ARRAY, any_, bindparam, create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -47,3 +48,13 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def one_of(session: Session, column, values, item_type) -> ColumnElement[bool]:
+    """`column IN values`, written `column = ANY(:array)` on Postgres: one statement text whatever the number of
+    values, so the server prepares and plans it once, where an IN list is a new statement (planned anew, ~1–2 ms)
+    for each length. SQLite gets the IN list."""
+    values = list(values)
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, values, type_=ARRAY(item_type)))
+    return column.in_(values)

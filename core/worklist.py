@@ -31,12 +31,13 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import replace
 
-from sqlalchemy import false, func, literal, or_, select, true, tuple_
+from sqlalchemy import Integer, String, false, func, literal, or_, select, true, tuple_
 from sqlalchemy.orm import Session
 
 from core import calibrations, worklist_rows
 from core import repository as repo
 from core.cursor import Cursor, decode
+from core.db import one_of
 from core.models import Status, Study, WorklistRow, utcnow
 from core.worklist_entries import (TIER_FLAGGED, TIER_OVERDUE, TIER_ROUTINE, Entry, Section,  # noqa: F401 (API)
                                    StatusStrip, as_utc, overdue_cutoff, entry_for, group_entry, is_unread, key_of,
@@ -80,7 +81,8 @@ def _members(session: Session, rows: list[WorklistRow], section: str) -> dict[st
     ids = [int(k[1:]) for k in keys if k.startswith("#")]
     found: dict[str, list[Study]] = {k: [] for k in keys}
     query = select(Study).where(Study.status == Status.SCORED,
-                                or_(Study.study_instance_uid.in_(uids), Study.id.in_(ids)))
+                                or_(one_of(session, Study.study_instance_uid, uids, String),
+                                    one_of(session, Study.id, ids, Integer)))
     for study in session.scalars(query):
         if section_of(study) == section and key_of(study) in found:
             found[key_of(study)].append(study)
@@ -143,11 +145,17 @@ def _read_page(session, *, cursor: Cursor | None, limit: int | None, max_wait_mi
 def _plain_page(session, name, *, cursor: Cursor | None, limit: int | None, now):
     statuses, newest_first = _PLAIN[name]
     order = (Study.received_at, Study.id)
-    query = select(Study).where(Study.status.in_(statuses))
-    if cursor is not None:
-        query = query.where(_after(order, cursor.key, descending=newest_first))
-    query = query.order_by(*[c.desc() if newest_first else c for c in order])
-    studies = list(session.scalars(query.limit(None if limit is None else limit + 1)))
+    studies = []
+    # One query per status, merged here: `status IN (a, b)` cannot walk the (status, received_at, id) index in
+    # order, so Postgres would read and sort every queued and processing study to return a page of them.
+    for status in statuses:
+        query = select(Study).where(Study.status == status)
+        if cursor is not None:
+            query = query.where(_after(order, cursor.key, descending=newest_first))
+        query = query.order_by(*[c.desc() if newest_first else c for c in order])
+        studies += session.scalars(query.limit(None if limit is None else limit + 1))
+    if len(statuses) > 1:
+        studies.sort(key=lambda s: (s.received_at, s.id), reverse=newest_first)
     more = limit is not None and len(studies) > limit
     studies = studies[:limit] if limit is not None else studies
     key = [studies[-1].received_at, studies[-1].id] if studies else []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 
 from bench.scale import seed
 from core import worklist as wl
@@ -94,3 +94,65 @@ def test_unread_and_read_pages_are_index_ranges_on_sqlite(tmp_path):
             assert "INDEX ix_worklist_rows" in plan, plan
             if "received_at >= " not in statement:  # the routine tier sorts only the last hour's arrivals
                 assert "TEMP B-TREE" not in plan and "SCAN" not in plan, plan
+
+
+def test_in_progress_pages_merge_queued_and_processing_in_arrival_order(seeded):
+    """The in-progress section reads queued and processing studies with one index walk each and merges them:
+    the pages together list every such study once, oldest first, and each statement is an index range."""
+    with session_scope(seeded) as s:
+        queued = list(s.scalars(select(Study).where(Study.status == Status.QUEUED).order_by(Study.id)))
+        assert len(queued) >= 6
+        for study in queued[::2]:  # every other one is being scored now
+            study.status = Status.PROCESSING
+        s.flush()
+        expected = [x.id for x in sorted(queued, key=lambda x: (x.received_at, x.id))]
+        statements = []
+        engine = get_engine(seeded)
+
+        def capture(conn, cursor, statement, parameters, context, executemany):
+            if "FROM studies" in statement and "ORDER BY studies.received_at" in statement:
+                statements.append((statement, parameters))
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            paged, cursor = [], None
+            while True:
+                page = wl.section(s, "in_progress", max_wait_minutes=MAX_WAIT, limit=4, cursor=cursor)
+                paged += [e.study.id for e in page.entries]
+                assert page.total == len(queued)
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        assert paged == expected
+        assert statements and all(" IN " not in statement for statement, _ in statements)
+        if s.get_bind().dialect.name == "postgresql":
+            # Sorting priced out: a statement that needs one keeps its Sort node (a small table's plan may
+            # sort anyway), one that an index walks in order loses it.
+            s.execute(text("SET LOCAL enable_sort = off"))
+            for statement, parameters in statements:
+                plan = " | ".join(r[0] for r in s.connection().exec_driver_sql("EXPLAIN " + statement, parameters))
+                assert "ix_studies_status_received" in plan and "Sort" not in plan, plan
+
+
+def test_a_page_of_rows_loads_its_images_with_one_statement_text_on_postgres(seeded):
+    """Pages of any length load their rows' images with the same statement (an array parameter on Postgres),
+    which the server prepares and plans once; the images found are the same either way."""
+    with session_scope(seeded) as s:
+        texts = []
+        engine = get_engine(seeded)
+
+        def capture(conn, cursor, statement, parameters, context, executemany):
+            if "FROM studies" in statement and "study_instance_uid" in statement.split("WHERE", 1)[-1]:
+                texts.append(statement)
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            short = wl.section(s, "unread", max_wait_minutes=MAX_WAIT, limit=3)
+            long = wl.section(s, "unread", max_wait_minutes=MAX_WAIT, limit=30)
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        assert len(texts) == 2
+        assert [{i.id for i in e.images} for e in long.entries[:3]] == [{i.id for i in e.images} for e in short.entries]
+        assert sum(len(e.images) for e in long.entries) > len(long.entries)  # some rows are multi-image studies
+        if s.get_bind().dialect.name == "postgresql":
+            assert texts[0] == texts[1] and "ANY" in texts[0]

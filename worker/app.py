@@ -14,9 +14,14 @@ EMBEDDED_PREFETCH = 8
 
 
 def _transport_options(url: str, settings: Settings) -> dict:
-    """Returns per-transport options: a visibility timeout for Redis/SQS (unknown to the SQLAlchemy transport)."""
+    """Returns per-transport options: a visibility timeout for Redis/SQS (unknown to the SQLAlchemy transport),
+    a busy timeout for the embedded SQLite broker."""
     if url.startswith(("redis", "rediss", "sentinel", "sqs")):
         return {"visibility_timeout": settings.broker_visibility_timeout}
+    if url.startswith("sqla+sqlite"):
+        # They go to create_engine: SQLite's busy wait of 30 s instead of 5, as for the application database
+        # (core.db), since ingester, worker and web all write to this file.
+        return {"connect_args": {"timeout": 30}}
     return {}
 
 
@@ -28,6 +33,34 @@ def _fast_embedded_polling() -> None:
     from kombu.transport.sqlalchemy import Transport
 
     Transport.polling_interval = 0.1
+
+
+def _recovering_embedded_get() -> None:
+    """Makes a failed fetch on kombu's SQLAlchemy transport roll its session back.
+
+    Its Channel._get commits in a `finally` and never rolls back: when that commit fails (SQLite "database is
+    locked" while the ingester publishes under load) the channel's session is left in the 'prepared' state and
+    every later fetch raises, so the worker never takes another message until it is restarted (seen in
+    tests/test_poison.py under a loaded machine; reported on celery/kombu#1185). The message the failed fetch
+    had marked taken is rolled back with it, so it stays queued and is fetched again.
+    """
+    from kombu.transport.sqlalchemy import Channel
+    from kombu.transport.virtual import Empty
+
+    if getattr(Channel._get, "chestaid_recovers", False):
+        return
+    fetch = Channel._get
+
+    def _get(self, queue):
+        try:
+            return fetch(self, queue)
+        except Empty:
+            raise
+        except Exception:
+            self.session.rollback()
+            raise
+    _get.chestaid_recovers = True
+    Channel._get = _get
 
 
 def _prefetch(url: str) -> int:
@@ -46,6 +79,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if settings.broker_url.startswith("sqla+"):
         _fast_embedded_polling()
+        _recovering_embedded_get()
     app = Celery("chestaid", broker=settings.broker_url, include=["worker.tasks"])
     app.conf.update(
         task_default_queue=settings.task_queue,

@@ -82,5 +82,7 @@ def heatmap_png(cam: np.ndarray | torch.Tensor, size: tuple[int, int], max_side:
     up = Image.fromarray(cam.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
     arr = np.rint(np.clip(np.asarray(up), 0.0, 1.0) * 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    # zlib level 1, not the default 6: this runs beside the network in a burst, and level 6 took about 2.4x the
+    # CPU (300x256 map 6.6 vs 2.8 ms; 410x512 21 vs 8.7 ms, 2-core EPYC) for files about two thirds the size.
+    Image.fromarray(arr, mode="L").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

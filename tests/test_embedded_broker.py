@@ -1,0 +1,36 @@
+"""The embedded broker (kombu's SQLAlchemy transport on SQLite) survives a failed fetch: the worker keeps
+taking messages, and the message of the failed fetch stays queued."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+
+from core.settings import Settings
+from worker.app import create_celery
+
+
+def test_a_fetch_whose_commit_fails_is_rolled_back_and_the_next_fetch_gets_the_message(tmp_path):
+    settings = Settings(data_dir=tmp_path / "var", inbox=tmp_path / "inbox")
+    app = create_celery(settings)
+    assert app.conf.broker_transport_options == {"connect_args": {"timeout": 30}}
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        channel._put("scoring", {"body": "study 7"})
+        engine = channel.session.get_bind()
+        failures = []
+
+        def locked(connection):  # as SQLite answers a commit while another process holds the file
+            if not failures:
+                failures.append(1)
+                raise sqlite3.OperationalError("database is locked")
+        event.listen(engine, "commit", locked)
+        try:
+            with pytest.raises((OperationalError, sqlite3.OperationalError)):
+                channel._get("scoring")  # marked the message taken, then could not commit
+        finally:
+            event.remove(engine, "commit", locked)
+        # kombu alone leaves its session 'prepared' here and every later fetch raises InvalidRequestError.
+        assert channel._get("scoring") == {"body": "study 7"}

@@ -14,6 +14,7 @@ from core.ml import precision
 from core.ml.calibration import calibrator_from_dict
 from core.ml.network import ARCHITECTURE, build_network
 from core.ml.ood import OodError, OodGuard, load_guard
+from core.ml.threads import ThreadFit
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
@@ -139,9 +140,11 @@ class Bundle:
     choice: precision.Choice
     ood: OodGuard | None = None  # None: a bundle fitted before the guard existed; nothing is refused by it
     calibrator: object = field(init=False)
+    threads: ThreadFit | None = field(init=False)  # CPU only: each pass's threads fitted to the free cores
 
     def __post_init__(self):
         self.calibrator = calibrator_from_dict(self.meta["calibration"])
+        self.threads = ThreadFit() if self.device.type == "cpu" else None
 
     @property
     def version(self) -> str:
@@ -170,6 +173,8 @@ class Bundle:
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (logits [N], Grad-CAMs [N,h,w], pooled embeddings [N,C]) for a normalised batch, float32 on CPU."""
+        if self.threads is not None:
+            self.threads.fit()
         return precision.run_with_embedding(self.net, x, self.device, self.choice.mode)
 
 

@@ -51,6 +51,9 @@ def score_images(bundle: Bundle, images: Sequence[Image.Image], calibrator=None,
     bypass = list(bypass_guard) if bypass_guard is not None else [False] * n
     per_image = {"preprocess_ms": (t1 - t0) * 1000 / n, "forward_cam_ms": (t2 - t1) * 1000 / n,
                  "ood_ms": (t3 - t2) * 1000 / n, "batch_size": n}
+    fit = getattr(bundle, "threads", None)
+    if fit is not None:  # the CPU threads this pass ran with (core.ml.threads)
+        per_image["threads"] = fit.threads
     out = []
     for i in range(n):
         v = verdicts[i]

@@ -34,3 +34,17 @@ def test_a_fetch_whose_commit_fails_is_rolled_back_and_the_next_fetch_gets_the_m
             event.remove(engine, "commit", locked)
         # kombu alone leaves its session 'prepared' here and every later fetch raises InvalidRequestError.
         assert channel._get("scoring") == {"body": "study 7"}
+
+
+def test_the_embedded_broker_file_is_in_wal_mode(tmp_path):
+    """Readers never block a fetch's commit, and a publish writes no journal file of its own."""
+    settings = Settings(data_dir=tmp_path / "var", inbox=tmp_path / "inbox")
+    create_celery(settings)
+    path = tmp_path / "var" / "broker.db"
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    create_celery(settings)  # again, as each process does at start: still fine
+    app = create_celery(settings)
+    with app.connection_for_write() as conn:
+        conn.default_channel._put("scoring", {"body": "study 8"})
+        assert conn.default_channel._get("scoring") == {"body": "study 8"}

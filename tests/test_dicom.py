@@ -133,7 +133,9 @@ def test_monochrome1_and_its_monochrome2_twin_give_the_same_tensor_and_score(pat
     bundle = load_bundle(bundle_dir)
     jpeg = load_grayscale(path)
     twin2, twin1, original = score_images(bundle, [*images, jpeg])
-    assert twin1.logit == twin2.logit and twin1.score == twin2.score
+    # The same tensor twice in one batch: oneDNN need not give rows the same last bits (it did not with one
+    # thread, core.ml.threads), so equal to float32 precision.
+    assert twin1.logit == pytest.approx(twin2.logit, abs=1e-6) and twin1.score == pytest.approx(twin2.score, abs=1e-6)
     if path == fixture_images()[FULL_RANGE]:  # full-range film: the DICOM path equals the JPEG path
         assert np.array_equal(np.asarray(images[0]), np.asarray(jpeg))
         assert twin2.logit == pytest.approx(original.logit, abs=1e-6)

@@ -60,8 +60,8 @@ class ThreadFit:
         """Sets and returns the thread count for the coming pass (unchanged when the last interval says nothing)."""
         others = self.others_since_last()
         if others is not None:
-            threads = threads_for(others, cores=self.cores, full=self.full)
-            if threads != self.threads:
-                torch.set_num_threads(threads)
-                self.threads = threads
+            self.threads = threads_for(others, cores=self.cores, full=self.full)
+        # Torch's thread count is per process, and another bundle in it (tests, `chestaid evaluate`) may have set it.
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         return self.threads

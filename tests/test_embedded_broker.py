@@ -3,6 +3,7 @@ taking messages, and the message of the failed fetch stays queued."""
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 from sqlalchemy import event
@@ -48,3 +49,33 @@ def test_the_embedded_broker_file_is_in_wal_mode(tmp_path):
     with app.connection_for_write() as conn:
         conn.default_channel._put("scoring", {"body": "study 8"})
         assert conn.default_channel._get("scoring") == {"body": "study 8"}
+
+
+def test_one_channel_used_from_two_threads_loses_and_breaks_nothing(tmp_path):
+    """A worker's consumer fetches while another thread puts back a dead pool process's message, on one
+    channel and one session: every message is fetched once and the channel keeps working."""
+    import threading
+    from kombu.transport.virtual import Empty
+
+    app = create_celery(Settings(data_dir=tmp_path / "var", inbox=tmp_path / "inbox"))
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        channel._new_queue("scoring")
+        errors, got = [], []
+
+        def put_back():
+            try:
+                for i in range(150):
+                    channel._put("scoring", {"body": f"m{i}"})  # what _restore does with a message
+            except Exception as exc:  # noqa: BLE001 (any error is the failure this test looks for)
+                errors.append(exc)
+        putter = threading.Thread(target=put_back)
+        putter.start()
+        deadline = time.monotonic() + 60
+        while len(got) < 150 and time.monotonic() < deadline and not errors:
+            try:
+                got.append(channel._get("scoring")["body"])
+            except Empty:
+                time.sleep(0.001)
+        putter.join()
+        assert errors == [] and sorted(got) == sorted(f"m{i}" for i in range(150))

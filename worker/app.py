@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -40,32 +41,38 @@ def _fast_embedded_polling() -> None:
     Transport.polling_interval = 0.1
 
 
-def _recovering_embedded_get() -> None:
-    """Makes a failed fetch on kombu's SQLAlchemy transport roll its session back.
+def _guarded_embedded_channel() -> None:
+    """Makes kombu's SQLAlchemy transport safe for the two threads of a worker's main process that use it.
 
-    Its Channel._get commits in a `finally` and never rolls back: when that commit fails (SQLite "database is
-    locked" while the ingester publishes under load) the channel's session is left in the 'prepared' state and
-    every later fetch raises, so the worker never takes another message until it is restarted (seen in
-    tests/test_poison.py under a loaded machine; reported on celery/kombu#1185). The message the failed fetch
-    had marked taken is rolled back with it, so it stays queued and is fetched again.
+    Each channel has one SQLAlchemy session, used by the consumer (fetching) and, when a pool process dies, by
+    the thread that puts its unacknowledged message back (`_restore` → `_put`). A session is not thread-safe:
+    the two interleaved left it 'prepared' or 'closed' mid-commit, after which every fetch raised and the worker
+    never took another message (tests/test_poison.py and the storm test, under load). And Channel._get commits
+    in a `finally` with no rollback, so one failed commit (SQLite busy) did the same (celery/kombu#1185). Here
+    every session use holds one lock, and a failure rolls the session back; the message a failed fetch had
+    marked taken is rolled back with it and stays queued.
     """
     from kombu.transport.sqlalchemy import Channel
     from kombu.transport.virtual import Empty
 
-    if getattr(Channel._get, "chestaid_recovers", False):
+    if getattr(Channel._get, "chestaid_guarded", False):
         return
-    fetch = Channel._get
+    lock = threading.RLock()  # re-entrant: _restore calls _put
 
-    def _get(self, queue):
-        try:
-            return fetch(self, queue)
-        except Empty:
-            raise
-        except Exception:
-            self.session.rollback()
-            raise
-    _get.chestaid_recovers = True
-    Channel._get = _get
+    def guarded(method):
+        def call(self, *args, **kwargs):
+            with lock:
+                try:
+                    return method(self, *args, **kwargs)
+                except Empty:
+                    raise
+                except Exception:
+                    self.session.rollback()
+                    raise
+        call.chestaid_guarded = True
+        return call
+    for name in ("_get", "_put", "_purge", "_size", "_restore", "_new_queue"):
+        setattr(Channel, name, guarded(getattr(Channel, name)))
 
 
 def _embedded_broker_file(path: Path) -> None:
@@ -96,7 +103,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         _embedded_broker_file(Path(settings.broker_url.removeprefix("sqla+sqlite:///")))
     if settings.broker_url.startswith("sqla+"):
         _fast_embedded_polling()
-        _recovering_embedded_get()
+        _guarded_embedded_channel()
     app = Celery("chestaid", broker=settings.broker_url, include=["worker.tasks"])
     app.conf.update(
         task_default_queue=settings.task_queue,

@@ -31,8 +31,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import replace
 
-from sqlalchemy import Integer, String, false, func, literal, or_, select, true, tuple_, union_all
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Integer, String, false, func, literal, or_, select, true, tuple_
+from sqlalchemy.orm import Session
 
 from core import calibrations, worklist_rows
 from core import repository as repo
@@ -142,39 +142,25 @@ def _read_page(session, *, cursor: Cursor | None, limit: int | None, max_wait_mi
     return entries, _page_cursor(READ, key, None, (cursor.offset if cursor else 0) + len(rows), None, more)
 
 
-def _plain_pages(session, wanted: dict[str, tuple[Cursor | None, int | None]], *, now) -> dict[str, tuple]:
-    """Pages of the status sections, {name: (cursor, limit)} → {name: (entries, next cursor)}, in one statement.
-
-    One branch per status, each an index walk in order, merged here: `status IN (a, b)` cannot walk the
-    (status, received_at, id) index in order, so Postgres would read and sort every queued and processing study
-    to return a page of them. The branches go in one UNION ALL: on Postgres each statement costs a round trip
-    and an execution beyond its rows, and the side sections of the worklist page are five of them."""
+def _plain_page(session, name, *, cursor: Cursor | None, limit: int | None, now):
+    statuses, newest_first = _PLAIN[name]
     order = (Study.received_at, Study.id)
-    branches = []
-    for name, (cursor, limit) in wanted.items():
-        statuses, newest_first = _PLAIN[name]
-        for status in statuses:
-            query = select(Study, literal(name).label("listed_in")).where(Study.status == status)
-            if cursor is not None:
-                query = query.where(_after(order, cursor.key, descending=newest_first))
-            query = query.order_by(*[c.desc() if newest_first else c for c in order])
-            branches.append(select(query.limit(None if limit is None else limit + 1).subquery()))
-    found: dict[str, list[Study]] = {name: [] for name in wanted}
-    if branches:
-        union = union_all(*branches).subquery() if len(branches) > 1 else branches[0].subquery()
-        for study, name in session.execute(select(aliased(Study, union), union.c.listed_in)):
-            found[name].append(study)
-    out = {}
-    for name, studies in found.items():
-        (cursor, limit), newest_first = wanted[name], _PLAIN[name][1]
+    studies = []
+    # One query per status, merged here: `status IN (a, b)` cannot walk the (status, received_at, id) index in
+    # order, so Postgres would read and sort every queued and processing study to return a page of them.
+    for status in statuses:
+        query = select(Study).where(Study.status == status)
+        if cursor is not None:
+            query = query.where(_after(order, cursor.key, descending=newest_first))
+        query = query.order_by(*[c.desc() if newest_first else c for c in order])
+        studies += session.scalars(query.limit(None if limit is None else limit + 1))
+    if len(statuses) > 1:
         studies.sort(key=lambda s: (s.received_at, s.id), reverse=newest_first)
-        more = limit is not None and len(studies) > limit
-        studies = studies[:limit] if limit is not None else studies
-        key = [studies[-1].received_at, studies[-1].id] if studies else []
-        entries = [Entry(s, waiting_seconds(s, now=now), False) for s in studies]
-        out[name] = (entries, _page_cursor(name, key, None, (cursor.offset if cursor else 0) + len(studies), None,
-                                           more))
-    return out
+    more = limit is not None and len(studies) > limit
+    studies = studies[:limit] if limit is not None else studies
+    key = [studies[-1].received_at, studies[-1].id] if studies else []
+    entries = [Entry(s, waiting_seconds(s, now=now), False) for s in studies]
+    return entries, _page_cursor(name, key, None, (cursor.offset if cursor else 0) + len(studies), None, more)
 
 
 def unread(session: Session, *, max_wait_minutes: int, now: dt.datetime | None = None,
@@ -200,36 +186,21 @@ def section(session: Session, name: str, *, max_wait_minutes: int, now: dt.datet
             limit: int | None = None, cursor: str | None = None, total: int | None = None) -> Section:
     """Returns one page of a worklist section by name (one of SECTIONS), starting where `cursor` says (the
     first page without one); `limit` None lists the rest of the section. `total` saves recounting it."""
-    totals = {name: total} if total is not None else None
-    return sections(session, [(name, limit, cursor)], max_wait_minutes=max_wait_minutes, now=now, totals=totals)[0]
-
-
-def sections(session: Session, pages: list[tuple[str, int | None, str | None]], *, max_wait_minutes: int,
-             now: dt.datetime | None = None, totals: dict[str, int] | None = None) -> list[Section]:
-    """Returns a page of each (section name, limit, cursor) as of one instant, as `section` does; the status
-    sections' pages are read together in one statement."""
+    if name not in SECTIONS:
+        raise ValueError(f"unknown worklist section {name!r}; expected one of {SECTIONS}")
     now = now or utcnow()
-    starts = {}
-    for name, _, cursor in pages:
-        if name not in SECTIONS:
-            raise ValueError(f"unknown worklist section {name!r}; expected one of {SECTIONS}")
-        at = decode(cursor, section=name) if cursor else None
-        starts[name] = None if at is not None and not at.key else at  # an empty key: the start of the section
-    plain = _plain_pages(session, {name: (starts[name], limit) for name, limit, _ in pages if name in _PLAIN},
-                         now=now)
-    out = []
-    for name, limit, _ in pages:
-        at = starts[name]
-        if name == UNREAD:
-            entries, nxt = _unread_page(session, cursor=at, limit=limit, max_wait_minutes=max_wait_minutes, now=now)
-        elif name == READ:
-            entries, nxt = _read_page(session, cursor=at, limit=limit, max_wait_minutes=max_wait_minutes, now=now)
-        else:
-            entries, nxt = plain[name]
-        if totals is None or name not in totals:
-            totals = {**(totals or {}), **section_totals(session)}
-        out.append(Section(name, entries, totals[name], nxt, at.offset if at else 0))
-    return out
+    at = decode(cursor, section=name) if cursor else None
+    if at is not None and not at.key:  # the start of the section
+        at, cursor = None, None
+    if name == UNREAD:
+        entries, nxt = _unread_page(session, cursor=at, limit=limit, max_wait_minutes=max_wait_minutes, now=now)
+    elif name == READ:
+        entries, nxt = _read_page(session, cursor=at, limit=limit, max_wait_minutes=max_wait_minutes, now=now)
+    else:
+        entries, nxt = _plain_page(session, name, cursor=at, limit=limit, now=now)
+    if total is None:
+        total = section_totals(session)[name]
+    return Section(name, entries, total, nxt, at.offset if at else 0)
 
 
 def all_studies(session: Session, *, max_wait_minutes: int, now: dt.datetime | None = None) -> list[Entry]:

@@ -156,28 +156,3 @@ def test_a_page_of_rows_loads_its_images_with_one_statement_text_on_postgres(see
         assert sum(len(e.images) for e in long.entries) > len(long.entries)  # some rows are multi-image studies
         if s.get_bind().dialect.name == "postgresql":
             assert texts[0] == texts[1] and "ANY" in texts[0]
-
-
-def test_the_status_sections_of_a_view_are_read_in_one_statement(seeded):
-    """The worklist page's side sections (in progress, refused, failed, duplicates) come from one statement,
-    and list exactly what each section read alone lists."""
-    names = ("in_progress", "refused", "failed", "duplicates")
-    now = dt.datetime.now(dt.timezone.utc)
-    with session_scope(seeded) as s:
-        alone = [wl.section(s, name, max_wait_minutes=MAX_WAIT, now=now, limit=3) for name in names]
-        statements = []
-        engine = get_engine(seeded)
-
-        def capture(conn, cursor, statement, parameters, context, executemany):
-            if "FROM studies" in statement and "count(" not in statement:
-                statements.append(statement)
-        event.listen(engine, "before_cursor_execute", capture)
-        try:
-            together = wl.sections(s, [(name, 3, None) for name in names], max_wait_minutes=MAX_WAIT, now=now)
-        finally:
-            event.remove(engine, "before_cursor_execute", capture)
-        assert len(statements) == 1 and statements[0].count("UNION ALL") == 4  # five branches: queued, processing, …
-        assert [[e.study.id for e in sec.entries] for sec in together] == [[e.study.id for e in sec.entries]
-                                                                           for sec in alone]
-        assert [(sec.total, sec.next_cursor) for sec in together] == [(sec.total, sec.next_cursor) for sec in alone]
-        assert all(sec.entries for sec in together[1:])  # the seeded mix has refused, failed and duplicate studies

@@ -124,9 +124,10 @@ def worklist_context(session, settings, view: str, *, paged: str | None = None, 
             sections = [_listed(session, settings, found, cursor, now)]
         else:
             main = VIEW_SECTIONS[view][0]  # the list to read (or the read studies); the rest are side sections
-            sections = wl.sections(session, [(name, settings.page_size if name == main else settings.side_page_size,
-                                              cursor if name == paged else None) for name in VIEW_SECTIONS[view]],
-                                   max_wait_minutes=settings.max_wait_minutes, now=now, totals=totals)
+            sections = [wl.section(session, name, max_wait_minutes=settings.max_wait_minutes, now=now,
+                                   limit=settings.page_size if name == main else settings.side_page_size,
+                                   cursor=cursor if name == paged else None, total=totals[name])
+                        for name in VIEW_SECTIONS[view]]
     except BadCursor as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
     strip = wl.status_strip(session, worker_alive_seconds=settings.worker_alive_seconds,

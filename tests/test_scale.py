@@ -4,6 +4,8 @@ served by index ranges, not by sorting the table."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import event, select, text
@@ -14,6 +16,22 @@ from core.db import get_engine, session_scope
 from core.models import Status, Study
 
 MAX_WAIT = 60
+
+
+@contextmanager
+def captured(url: str, wanted: Callable[[str], bool]) -> Iterator[list[tuple[str, object]]]:
+    """Collects (statement, parameters) of each statement the engine runs meanwhile that `wanted` accepts."""
+    statements: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if wanted(statement):
+            statements.append((statement, parameters))
+    engine = get_engine(url)
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
 
 
 def reference_unread(studies: list[Study], now: dt.datetime) -> list[set[int]]:
@@ -74,19 +92,10 @@ def test_unread_and_read_pages_are_index_ranges_on_sqlite(tmp_path):
     upgrade(url)
     seed(url, 1500, seed_value=5)
     with session_scope(url) as s:
-        statements = []
-        engine = get_engine(url)
-
-        def capture(conn, cursor, statement, parameters, context, executemany):
-            if "FROM worklist_rows" in statement and "ORDER BY" in statement:
-                statements.append((statement, parameters))
-        event.listen(engine, "before_cursor_execute", capture)
-        try:
+        with captured(url, lambda st: "FROM worklist_rows" in st and "ORDER BY" in st) as statements:
             first = wl.section(s, "unread", max_wait_minutes=MAX_WAIT, limit=20)
             wl.section(s, "unread", max_wait_minutes=MAX_WAIT, limit=20, cursor=first.next_cursor)
             wl.section(s, "read", max_wait_minutes=MAX_WAIT, limit=20)
-        finally:
-            event.remove(engine, "before_cursor_execute", capture)
         assert statements
         for statement, parameters in statements:
             plan = " | ".join(row[-1] for row in s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement,
@@ -106,15 +115,8 @@ def test_in_progress_pages_merge_queued_and_processing_in_arrival_order(seeded):
             study.status = Status.PROCESSING
         s.flush()
         expected = [x.id for x in sorted(queued, key=lambda x: (x.received_at, x.id))]
-        statements = []
-        engine = get_engine(seeded)
-
-        def capture(conn, cursor, statement, parameters, context, executemany):
-            if "FROM studies" in statement and "ORDER BY studies.received_at" in statement:
-                statements.append((statement, parameters))
-        event.listen(engine, "before_cursor_execute", capture)
-        try:
-            paged, cursor = [], None
+        paged, cursor = [], None
+        with captured(seeded, lambda st: "FROM studies" in st and "ORDER BY studies.received_at" in st) as statements:
             while True:
                 page = wl.section(s, "in_progress", max_wait_minutes=MAX_WAIT, limit=4, cursor=cursor)
                 paged += [e.study.id for e in page.entries]
@@ -122,8 +124,6 @@ def test_in_progress_pages_merge_queued_and_processing_in_arrival_order(seeded):
                 if page.next_cursor is None:
                     break
                 cursor = page.next_cursor
-        finally:
-            event.remove(engine, "before_cursor_execute", capture)
         assert paged == expected
         assert statements and all(" IN " not in statement for statement, _ in statements)
         if s.get_bind().dialect.name == "postgresql":
@@ -139,18 +139,11 @@ def test_a_page_of_rows_loads_its_images_with_one_statement_text_on_postgres(see
     """Pages of any length load their rows' images with the same statement (an array parameter on Postgres),
     which the server prepares and plans once; the images found are the same either way."""
     with session_scope(seeded) as s:
-        texts = []
-        engine = get_engine(seeded)
-
-        def capture(conn, cursor, statement, parameters, context, executemany):
-            if "FROM studies" in statement and "study_instance_uid" in statement.split("WHERE", 1)[-1]:
-                texts.append(statement)
-        event.listen(engine, "before_cursor_execute", capture)
-        try:
+        members = lambda st: "FROM studies" in st and "study_instance_uid" in st.split("WHERE", 1)[-1]  # noqa: E731
+        with captured(seeded, members) as statements:
             short = wl.section(s, "unread", max_wait_minutes=MAX_WAIT, limit=3)
             long = wl.section(s, "unread", max_wait_minutes=MAX_WAIT, limit=30)
-        finally:
-            event.remove(engine, "before_cursor_execute", capture)
+        texts = [statement for statement, _ in statements]
         assert len(texts) == 2
         assert [{i.id for i in e.images} for e in long.entries[:3]] == [{i.id for i in e.images} for e in short.entries]
         assert sum(len(e.images) for e in long.entries) > len(long.entries)  # some rows are multi-image studies

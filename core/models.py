@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy import DateTime as _DateTime
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -186,6 +186,19 @@ class WorklistCount(Base):
 
     section: Mapped[str] = mapped_column(String(16), primary_key=True)
     rows: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class WorklistVersion(Base):
+    """One row whose number moves with every committed change to the studies or the worklist rows.
+
+    Database triggers (migration 0008) bump it, so no write path can forget to; the polled worklist fragment
+    answers "unchanged" from it without rebuilding the page (web.poll).
+    """
+
+    __tablename__ = "worklist_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
 
 
 # --- accounts and audit ----------------------------------------------------------------------------

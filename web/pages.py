@@ -5,8 +5,6 @@ Nurses and doctors see everything here; only doctors (and admins) record finding
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 from urllib.parse import urlencode
@@ -23,6 +21,7 @@ from core.repository import FINDINGS
 from core.worklist_entries import Section
 from core.worklist_filter import MODALITIES, SORTS, Filters, filtered
 from core.worklist_sections import VIEW_SECTIONS
+from web import poll
 from web.access import DOCTOR_POST, NURSE, Doctor, Nurse
 from web.api import record_finding
 from web.deps import SessionDep, SettingsDep, StudyDep
@@ -34,8 +33,6 @@ router = APIRouter(default_response_class=HTMLResponse)
 
 View = Literal[tuple(VIEW_SECTIONS)]
 IMAGE_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
-# The strip's "Updated" time changes on every poll; it is left out of the fragment's version (ETag).
-_CLOCK = re.compile(rb'<time datetime="[^"]*">[^<]*</time>')
 
 
 @dataclass(frozen=True)
@@ -169,13 +166,18 @@ def worklist_fragment(request: Request, session: SessionDep, settings: SettingsD
                       cursor: Annotated[str | None, Query(max_length=1000)] = None):
     """Returns only the table bodies, counts and status strip of the page shown (triage sections, or the
     search or filtered listing), swapped in place by the polling page; answers 304 (no body) when nothing
-    changed since the version (ETag) the poller has."""
+    changed since the version (ETag) the poller has, from the worklist's state alone when it can (web.poll)."""
+    key = poll.request_key(request, session, settings)
+    known, asked = poll.VERSIONS.get(key), poll.asked_for(request)
+    if known is not None and known in asked:
+        return Response(status_code=304, headers={"ETag": known, "Cache-Control": "no-store"})
     context = worklist_context(session, settings, view, paged=section, cursor=cursor, found=found,
                                viewer_id=_viewer_id(request))
     response = templates.TemplateResponse(request, "_worklist_fragment.html", context,
                                           headers={"Cache-Control": "no-store"})
-    etag = '"' + hashlib.sha256(_CLOCK.sub(b"", response.body)).hexdigest()[:32] + '"'
-    if etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
+    etag = poll.version_tag(response.body)
+    poll.VERSIONS.put(key, etag)
+    if etag in asked:
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-store"})
     response.headers["ETag"] = etag
     return response

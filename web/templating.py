@@ -42,6 +42,23 @@ def waited(seconds: float | None) -> str:
     return f"{hours // 24} d {hours % 24} h"
 
 
+def ticking(seconds: float | None, now: dt.datetime) -> str:
+    """A waiting time that goes on growing, as of `now`: a <time class="tick"> holding the instant it counts
+    from, which the page's script advances every second (app.js); the text is `waited`'s until then."""
+    if seconds is None:
+        return "–"
+    # To the second: `seconds` came from a subtraction, so the exact instant could differ by a microsecond
+    # between two renders of the same row.
+    since = (now - dt.timedelta(seconds=seconds - 0.5)).replace(microsecond=0)
+    return Markup(f'<time class="tick" data-tick="waited" datetime="{since.isoformat()}">{waited(seconds)}</time>')
+
+
+def open_for(reader) -> str:
+    """How long a reader has had a study open ("under a minute", "4 min"), ticking like `ticking`."""
+    text = "under a minute" if reader.minutes == 0 else f"{reader.minutes} min"
+    return Markup(f'<time class="tick" data-tick="open" datetime="{reader.opened_at.isoformat()}">{text}</time>')
+
+
 def when(value: dt.datetime | None) -> str:
     """Formats a timestamp in the server's local time zone (the hospital's), with its zone name, as a <time>
     element that the page's script shows in the reader's own zone (app.js, also with the zone named)."""
@@ -102,7 +119,7 @@ def make_templates() -> Jinja2Templates:
     """Returns the template renderer with Chest-Aid's filters and globals."""
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR), context_processors=[auth_context])
     env = templates.env
-    env.filters.update(waited=waited, when=when, clock=clock, score=score, person_name=person_name,
+    env.filters.update(waited=waited, ticking=ticking, open_for=open_for, when=when, clock=clock, score=score, person_name=person_name,
                        study_when=study_when, compare_digits=compare_digits)
     env.globals.update(caveat=CAVEAT, outcome_text=OUTCOME_TEXT, role_allows=role_allows,
                        worklist_sections=worklist_sections, film_url=film_url, heatmap_url=heatmap_url)

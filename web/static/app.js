@@ -36,6 +36,49 @@
     }
   });
 
+  // Waiting times and "open for" labels tick here, every second: each <time class="tick"> counts from its
+  // datetime on the server's clock. The server leaves them out of a page's version (web/poll.py), so an idle
+  // worklist is answered 304 while its times still move.
+  var serverAhead = 0;  // ms the server's clock is ahead of this browser's, from the newest strip it sent
+  function syncClock(root, arrived) {
+    var t = root && root.querySelector ? root.querySelector("#status-strip time[datetime]") : null;
+    var at = t ? Date.parse(t.getAttribute("datetime")) : NaN;
+    if (!isNaN(at) && !isNaN(arrived)) { serverAhead = at - arrived; }
+  }
+  function waitedText(seconds) {  // as web/templating.py `waited`
+    var s = Math.max(0, Math.floor(seconds)), m = Math.floor(s / 60), h = Math.floor(s / 3600);
+    if (s < 60) { return s + " s"; }
+    if (h === 0) { return m + " min"; }
+    if (h < 48) { return h + " h " + (m % 60 < 10 ? "0" : "") + (m % 60) + " min"; }
+    return Math.floor(h / 24) + " d " + (h % 24) + " h";
+  }
+  function openText(seconds) {  // as web/templating.py `open_for`
+    var m = Math.floor(Math.max(0, seconds) / 60);
+    return m === 0 ? "under a minute" : m + " min";
+  }
+  function tick(root) {
+    var now = Date.now() + serverAhead;
+    Array.prototype.forEach.call((root || document).querySelectorAll("time.tick[datetime]"), function (el) {
+      var since = Date.parse(el.getAttribute("datetime"));
+      if (isNaN(since)) { return; }
+      var text = el.getAttribute("data-tick") === "open" ? openText((now - since) / 1000)
+                                                          : waitedText((now - since) / 1000);
+      if (el.textContent !== text) { el.textContent = text; }
+    });
+  }
+  // The page's strip: its time is when the server rendered it, just before the response's first byte came
+  // (performance timing: true also for a page brought back from the history cache hours later).
+  var nav = window.performance && performance.getEntriesByType ? performance.getEntriesByType("navigation")[0] : null;
+  syncClock(document, nav ? performance.timeOrigin + nav.responseStart : Date.now());
+  document.addEventListener("htmx:oobBeforeSwap", function (event) {
+    if (event.detail.target && event.detail.target.id === "status-strip") {
+      syncClock(event.detail.fragment, Date.now());
+    }
+  }, true);
+  document.addEventListener("htmx:afterSwap", function (event) { tick(event.detail.elt); });
+  window.ChestAidTick = tick;
+  window.setInterval(function () { tick(document); }, 1000);
+
   // "?" shows the keyboard shortcuts: a <dialog> every signed-in page carries (Esc or its button closes it).
   function typing(target) {
     // Letters typed into a text field are text; on a checkbox, radio, button or slider they are shortcuts.

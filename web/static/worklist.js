@@ -35,8 +35,11 @@
   var focusedId = null;
   var swapping = {};    // body id -> true while a changed body is being swapped in
 
+  // Ticking labels (app.js) change by themselves; a body is "unchanged" when only their text differs.
+  function steady(html) { return html.replace(/(<time class="tick"[^>]*>)[^<]*(<\/time>)/g, "$1$2"); }
+
   function remember(body) {
-    shownHtml[body.id] = body.innerHTML;
+    shownHtml[body.id] = steady(body.innerHTML);
     shownIds[body.id] = idsIn(body);
   }
 
@@ -63,7 +66,7 @@
     var target = event.detail.target;
     if (!target || target.tagName !== "TBODY") { return; }
     var incoming = event.detail.fragment.querySelector("tbody");
-    if (incoming && shownHtml[target.id] === incoming.innerHTML) {
+    if (incoming && shownHtml[target.id] === steady(incoming.innerHTML)) {
       event.detail.shouldSwap = false;  // nothing changed in this list
       return;
     }

@@ -253,4 +253,31 @@ def calibration_activate(bundle, version):
     click.echo(f"calibration {version} is active; {n} studies re-scored from their stored logits")
 
 
-MODEL_COMMANDS = [train, score, evaluate, recalibrate, calibration]
+@click.command("compare-runs")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--recipe", required=True, help="How RUNS were trained, in words (goes into the report).")
+@click.option("--control", "controls", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A run of another recipe to show beside them (repeatable).")
+@click.option("--control-recipe", default="", help="How the control runs were trained, in words.")
+@click.option("--model", default=None, help="The default bundle to compare with (default: settings model_dir).")
+@click.option("--data", default=DEFAULT_DATA, show_default=True, help="Kaggle-layout root of the bundle's split.")
+@click.option("--out", default=None, help="Folder for variance.json/.md/.png (default: <first run>/compare).")
+@click.option("--limit", default=0, show_default=True, help="Quick runs: a seeded, stratified subset of N films.")
+@click.option("--record", is_flag=True, help="Also write the comparison into the bundle's report and bundle.json.")
+def compare_runs(runs, recipe, controls, control_recipe, model, data, out, limit, record):
+    """Scores training runs (seeds of one recipe) against the default bundle: seed variance and the ship rule."""
+    from training import variance
+
+    bundle_dir = Path(model or load_settings().model_dir)
+    try:
+        result = variance.compare(bundle_dir, Path(data), list(runs), list(controls), recipe=recipe,
+                                  control=control_recipe or "none", limit=limit)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    variance.write(result, Path(out) if out else runs[0] / "compare")
+    if record:
+        variance.record(result, bundle_dir)
+    click.echo(variance.markdown(result))
+
+
+MODEL_COMMANDS = [train, score, evaluate, recalibrate, calibration, compare_runs]

@@ -88,6 +88,29 @@ def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_pa
     assert set(meta["ood"]["evaluation"]["shift_false_refusal"]) == {p.name for p in PERTURBATIONS}
     assert "## Out-of-distribution guard" in (bundle / "report" / "README.md").read_text()
 
+    # The run compared with the bundle made from it: one seed, so sd 0, and no gain, so nothing to ship.
+    threads = torch.get_num_threads()
+    compared = runner.invoke(main, ["compare-runs", str(tmp_path / "run"), "--recipe", "smoke", "--model", str(bundle),
+                                    "--data", str(data_root), "--limit", "8", "--record"])
+    torch.set_num_threads(threads)
+    assert compared.exit_code == 0, compared.output + repr(compared.exception)
+    variance = json.loads((tmp_path / "run" / "compare" / "variance.json").read_text())
+    run, default = variance["recipe_runs"][0], variance["default"]
+    assert run["shift_mean"] == pytest.approx(default["shift_mean"], abs=1e-9)  # the same weights, scored alike
+    assert variance["recipe_spread"]["shift_mean"]["sd"] == 0.0 and variance["decision"]["ship"] is False
+    assert variance["films"]["n"] == 8 and (bundle / "report" / "variance.png").is_file()
+    readme = (bundle / "report" / "README.md").read_text()
+    assert readme.index("## Seed variance and the default") < readme.index("## Out-of-distribution guard")
+    assert json.loads((bundle / "bundle.json").read_text())["seed_variance"]["decision"]["ship"] is False
+    other = tmp_path / "other-split"  # a run trained on another split cannot be compared
+    other.mkdir()
+    for name in ("best.pt", "train_config.json"):
+        (other / name).write_bytes((tmp_path / "run" / name).read_bytes())
+    (other / "split.csv").write_text((tmp_path / "run" / "split.csv").read_text().replace("calibration,", "train,", 1))
+    refused = runner.invoke(main, ["compare-runs", str(other), "--recipe", "x", "--model", str(bundle),
+                                   "--data", str(data_root), "--limit", "8"])
+    assert refused.exit_code != 0 and "another split than the bundle's" in refused.output
+
     films = [str(p) for p in fixture_images()[:2]]
     scored = runner.invoke(main, ["score", "--model", str(bundle), "--json", *films])
     assert scored.exit_code == 0, scored.output
@@ -182,3 +205,19 @@ def test_train_refuses_unknown_augmentation_and_unavailable_precision(tmp_path):
                                          "--data", str(tmp_path)])
         assert fp16.exit_code == 2 and "'fp16' is not available on cpu" in fp16.output
     assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_seed_spread_and_the_ship_rule_golden_values():
+    from training.variance import decide, spread
+
+    figures = ("clean_report_auc", "clean_val_auc", "shift_mean", "shift_held_out_mean", "shift_worst")
+    runs = [{k: v for k in figures} for v in (0.990, 0.994, 0.998)]
+    s = spread(runs)
+    assert s["shift_mean"]["mean"] == pytest.approx(0.994) and s["shift_mean"]["sd"] == pytest.approx(0.004)
+    default = {"shift_mean": 0.990, "clean_report_auc": 0.998}
+    gain = {k: {"mean": 0.994, "sd": 0.0} for k in figures}
+    assert decide(default, {**gain, "clean_report_auc": {"mean": 0.9955, "sd": 0.0}})["ship"] is True
+    assert decide(default, {**gain, "clean_report_auc": {"mean": 0.9945, "sd": 0.0}})["ship"] is False  # clean fell
+    short = {**gain, "shift_mean": {"mean": 0.9925, "sd": 0.0}, "clean_report_auc": {"mean": 0.999, "sd": 0.0}}
+    verdict = decide(default, short)
+    assert verdict["ship"] is False and verdict["shift_gain"] == pytest.approx(0.0025)

@@ -141,7 +141,7 @@ def measure(base: str, *, api_token: str, study_id: int, accession: str, repeat:
             r = client.get(path, headers=headers)
             times.append((time.perf_counter() - start) * 1000)
             statuses.append(r.status_code)
-            if "If-None-Match" in headers and r.status_code == 200:  # the minute moved the waiting times shown
+            if "If-None-Match" in headers and r.status_code == 200:  # a row crossed the wait limit meanwhile
                 headers = {"If-None-Match": r.headers.get("etag", "")}
         times.sort()
         status = "/".join(f"{statuses.count(c)}x{c}" for c in sorted(set(statuses)))

@@ -29,6 +29,16 @@ class Entry:
             object.__setattr__(self, "images", (self.study,))
 
     @property
+    def received_at(self) -> dt.datetime:
+        """When the row's first image arrived."""
+        return min(s.received_at for s in self.images)
+
+    @property
+    def flagged_when_scored(self) -> bool:
+        """Whether any of the row's images was flagged when it was scored (the read list's "FLAGGED")."""
+        return any(s.scored_flagged for s in self.images)
+
+    @property
     def score(self) -> float | None:
         """Returns the row's risk: the highest displayed score among its scored images."""
         scores = [s.score for s in self.images if s.status == Status.SCORED and s.score is not None]

@@ -101,6 +101,7 @@ def test_two_epoch_training_produces_a_bundle_that_score_loads(data_root, tmp_pa
     assert variance["films"]["n"] == 8 and (bundle / "report" / "variance.png").is_file()
     readme = (bundle / "report" / "README.md").read_text()
     assert readme.index("## Seed variance and the default") < readme.index("## Out-of-distribution guard")
+    assert f"- `run`: {run['trained']}" in readme and run["trained"].startswith("from scratch, ")
     assert json.loads((bundle / "bundle.json").read_text())["seed_variance"]["decision"]["ship"] is False
     other = tmp_path / "other-split"  # a run trained on another split cannot be compared
     other.mkdir()
@@ -221,3 +222,54 @@ def test_seed_spread_and_the_ship_rule_golden_values():
     short = {**gain, "shift_mean": {"mean": 0.9925, "sd": 0.0}, "clean_report_auc": {"mean": 0.999, "sd": 0.0}}
     verdict = decide(default, short)
     assert verdict["ship"] is False and verdict["shift_gain"] == pytest.approx(0.0025)
+
+
+def _run_dir(path: Path, schedule: str, shift_means: list[float], patience: int = 2) -> Path:
+    path.mkdir()
+    (path / "train_config.json").write_text(json.dumps({
+        "init": "models/default/model.safetensors", "augment": "robust", "label_smoothing": 0.05, "ema": 0.998,
+        "lr": 1e-4, "schedule": schedule, "patience": patience, "seed": 1, "device": "cuda",
+        "precision_mode": "bf16"}))
+    best = max(range(len(shift_means)), key=lambda i: shift_means[i]) + 1
+    (path / "train_log.jsonl").write_text("".join(json.dumps(
+        {"epoch": i + 1, "res": 224, "shift_mean_roc_auc": m, "val_roc_auc": 0.99, "best": best}) + "\n"
+        for i, m in enumerate(shift_means)))
+    return path
+
+
+def test_a_run_is_described_from_its_own_config_and_log(tmp_path):
+    from training.variance import describe_run
+
+    stopped = describe_run(_run_dir(tmp_path / "a", "224:5", [0.995, 0.994, 0.993]))
+    assert stopped == ("fine-tuned from models/default/model.safetensors, robust augmentation, label smoothing "
+                       "0.05, EMA 0.998, lr 0.0001, schedule 224:5: 3 of 5 epochs (early stop), kept epoch 1; "
+                       "trained on cuda in bf16")
+    # Still improving when it ended: cut off, not stopped by the rule.
+    assert "3 of 5 epochs (interrupted), kept epoch 3;" in describe_run(
+        _run_dir(tmp_path / "b", "224:5", [0.990, 0.992, 0.994]))
+    assert "2 of 2 epochs, kept epoch 2;" in describe_run(_run_dir(tmp_path / "c", "224:2", [0.990, 0.992]))
+
+
+def test_a_pack_keeps_each_films_path_and_the_services_resize(data_root, tmp_path):
+    import numpy as np
+
+    from core.films.imaging import load_grayscale
+    from core.ml.preprocess import resize_gray
+    from training.data import read_split_file
+    from training.pack import pack
+
+    split = tmp_path / "split.csv"
+    items = list_split(data_root, "train")
+    chosen = items[:2] + items[-2:]  # both classes
+    split.write_text("split,label,relpath,patient\n" + "".join(
+        f"{name},{it.label},{it.path.relative_to(data_root).as_posix()},{it.patient}\n"
+        for name, it in zip(("train", "train", "calibration", "report"), chosen)))
+    done = pack(split, data_root, tmp_path / "pack")
+    assert done["films"] == 4 and 0 < done["bytes"] < 4 * 20_000  # 224 px JPEG q85: a few kB each
+    packed = read_split_file(tmp_path / "pack" / "split.csv", tmp_path / "pack")
+    for original, item in zip(chosen, [it for v in packed.values() for it in v]):
+        assert item.path.relative_to(tmp_path / "pack") == original.path.relative_to(data_root)
+        film = load_grayscale(item.path)
+        assert film.size == (224, 224) and np.array_equal(resize_gray(film), np.asarray(film))  # resizing: identity
+        diff = np.abs(np.asarray(film).astype(int) - resize_gray(load_grayscale(original.path)).astype(int))
+        assert diff.mean() < 2.0  # JPEG q85 of the service's resize

@@ -28,7 +28,8 @@ from training import shift
 from training.data import read_split_file
 from training.ood_eval import SECTION as OOD_SECTION
 from training.report import plt
-from training.train import cache_images, predict_logits, training_precision
+from training.selection import EpochScore, should_stop
+from training.train import cache_images, phases, predict_logits, training_precision
 
 SHIP_SHIFT_MARGIN = 0.003
 SHIP_MAX_CLEAN_DROP = 0.003
@@ -96,6 +97,24 @@ def run_network(run_dir: Path, films: Films) -> torch.nn.Module:
     return fp16_rounded(net)
 
 
+def describe_run(run_dir: Path) -> str:
+    """How a run was trained, in words, from its own train_config.json and train_log.jsonl.
+
+    A run that ended before its schedule did either stopped early (training.selection's rule holds on its last
+    phase) or was interrupted; the two are told apart, since an interrupted run is not the recipe's result.
+    """
+    cfg = json.loads((run_dir / "train_config.json").read_text())
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    planned = sum(n for _, n in phases(cfg["schedule"]))
+    last = [EpochScore(r["epoch"], r["shift_mean_roc_auc"], r["val_roc_auc"]) for r in log if r["res"] == log[-1]["res"]]
+    ended = ("" if len(log) >= planned else " (early stop)" if should_stop(last, patience=cfg["patience"])
+             else " (interrupted)")
+    start = "from scratch" if cfg["init"] == "none" else f"fine-tuned from {cfg['init']}"
+    return (f"{start}, {cfg['augment']} augmentation, label smoothing {cfg['label_smoothing']}, EMA {cfg['ema']}, "
+            f"lr {cfg['lr']}, schedule {cfg['schedule']}: {len(log)} of {planned} epochs{ended}, kept epoch "
+            f"{log[-1]['best']}; trained on {cfg.get('device', '?')} in {cfg.get('precision_mode', '?')}")
+
+
 def spread(rows: list[dict]) -> dict:
     """Mean and sample standard deviation of each figure over runs."""
     out = {}
@@ -128,7 +147,9 @@ def compare(bundle_dir: Path, data_root: Path, recipe_runs: list[Path], control_
         out = []
         for d in dirs:
             cfg = json.loads((d / "train_config.json").read_text())
-            out.append({"run": d.name, "seed": cfg["seed"], **score_network(run_network(d, films), films, mode)})
+            net = run_network(d, films)  # refuses a run of another split first
+            out.append({"run": d.name, "seed": cfg["seed"], "trained": describe_run(d),
+                        **score_network(net, films, mode)})
         return out
 
     rec, ctl = runs(recipe_runs), runs(control_runs)
@@ -152,6 +173,8 @@ def markdown(result: dict) -> str:
         head.append("| **recipe, mean ± sd** | " + " | ".join(
             f"**{s[k]['mean']:.4f} ± {s[k]['sd']:.4f}**" for k in FIGURES) + " |")
     head += [row(f"control, seed {r['seed']} (`{r['run']}`)", r) for r in result["control_runs"]]
+    trained = [f"- `{r['run']}`: {r['trained']}" for r in result["recipe_runs"] + result["control_runs"]
+               if r.get("trained")]
     d = result["decision"]
     verdict = ("**Shipped**: the recipe met the rule." if d and d["ship"] else
                "**Not shipped**: the default stays, because the recipe did not meet the rule.") if d else ""
@@ -161,7 +184,7 @@ def markdown(result: dict) -> str:
         f"All models scored alike on the default's {result['films']['n']} validation films "
         f"({result['films']['report_half']} in the report half), {result['precision']}, weights rounded to "
         f"float16 as shipped, shift suite seed {result['films']['seed']}; {result['hardware']}.", "",
-        *head, "",
+        *head, "", *trained, *([""] if trained else []),
         f"Rule, fixed before training: ship only if the recipe's mean shift-suite ROC-AUC beats the default's by "
         f"≥ {SHIP_SHIFT_MARGIN} and its clean report-half ROC-AUC is at most {SHIP_MAX_CLEAN_DROP} lower.",
         f"Result: {d['reason']}. {verdict}" if d else "", "",

@@ -40,9 +40,15 @@ FIGURES = ("clean_report_auc", "clean_val_auc", "shift_mean", "shift_held_out_me
 def hardware() -> str:
     """Names the CPU the figures were measured on, with what decides its precision."""
     from core.ml.precision import native_bf16
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
-    return (f"{names[0] if names else 'unknown CPU'}, {torch.get_num_threads()} threads, torch capability "
+    info = {}
+    if Path("/proc/cpuinfo").exists():  # the first processor's fields; a vendor's model name can be as bare as "AMD EPYC"
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    name = info.get("model name", "unknown CPU")
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    return (f"{name}, {torch.get_num_threads()} threads, torch capability "
             f"{torch.backends.cpu.get_cpu_capability()}, oneDNN native bf16 {native_bf16()}")
 
 
@@ -195,19 +201,20 @@ def plot(result: dict, path: Path) -> None:
     """Per-perturbation ROC-AUC: the default, the recipe's mean ± sd over seeds, and the control."""
     names = list(result["default"]["per_perturbation"])
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(10, 4.2))
+    fig, ax = plt.subplots(figsize=(12, 4.4))
     ax.plot(x, [result["default"]["per_perturbation"][n] for n in names], "ko", label="default")
     if result["recipe_runs"]:
         v = np.array([[r["per_perturbation"][n] for n in names] for r in result["recipe_runs"]])
         ax.errorbar(x + 0.15, v.mean(0), yerr=v.std(0, ddof=1) if len(v) > 1 else None, fmt="s", color="tab:blue",
                     capsize=3, label=f"recipe, mean ± sd of {len(v)} seeds")
-    for r in result["control_runs"]:
-        ax.plot(x - 0.15, [r["per_perturbation"][n] for n in names], "^", color="tab:orange",
-                label=f"control (seed {r['seed']})")
+    markers = "^v<>Dph*"
+    for i, r in enumerate(result["control_runs"]):  # each control run its own marker: they may be other recipes
+        ax.plot(x - 0.15, [r["per_perturbation"][n] for n in names], markers[i % len(markers)], ms=5,
+                color=plt.cm.tab10(i + 1), label=f"control {r['run']} (seed {r['seed']})")
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set(ylabel="ROC-AUC", title="Shift suite on the validation films")
     ax.grid(axis="y", lw=0.4)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -238,8 +245,8 @@ def record(result: dict, bundle_dir: Path) -> None:
     meta = json.loads(meta_file.read_text())
     meta["seed_variance"] = {k: result[k] for k in ("recipe", "control", "precision", "hardware", "films",
                                                     "recipe_spread", "decision")}
-    meta["seed_variance"]["runs"] = [{k: r[k] for k in ("run", "seed", *FIGURES)} for r in result["recipe_runs"]]
-    meta["seed_variance"]["control_runs"] = [{k: r[k] for k in ("run", "seed", *FIGURES)}
-                                             for r in result["control_runs"]]
+    keep = ("run", "seed", "trained", *FIGURES)
+    meta["seed_variance"]["runs"] = [{k: r[k] for k in keep if k in r} for r in result["recipe_runs"]]
+    meta["seed_variance"]["control_runs"] = [{k: r[k] for k in keep if k in r} for r in result["control_runs"]]
     meta["seed_variance"]["report"] = "report/variance.md"
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")

@@ -6,7 +6,8 @@
 #
 #   KIND=finetune|scratch  SCHED=224:5  TLIMIT=420 (seconds a run may take)  THREADS=4  OUT=/tmp/out  PY=python3
 # finetune: from the default's weights at lr 1e-4, patience 2; scratch: from random weights at lr 1e-3, patience 3.
-# Runs: robust recipe at seeds 0, 1, 2 and the basic recipe (no label smoothing, no EMA) at one seed.
+# Runs: robust recipe at seeds 0, 1, 2 and the basic recipe (no label smoothing, no EMA) at one seed; or
+# RUNS="name:seed:augment:label-smoothing:ema …" (names start with ft_ or sc_ as KIND) for pieces of a recipe.
 set -u
 PY=${PY:-python3}; KIND=${KIND:-finetune}; SCHED=${SCHED:-224:5}; TLIMIT=${TLIMIT:-420}; THREADS=${THREADS:-4}
 OUT=${OUT:-/tmp/seed-runs}; SPLIT=${SPLIT:-models/default/split.csv}
@@ -32,18 +33,17 @@ main(TrainConfig(data='.pack', out='runs/$1', init='$INIT', schedule='$SCHED', l
 " > runs/$1/stdout.log 2>&1 &
 }
 t0=$(date +%s)
-start ${P}_robust_s0 0 robust 0.05 0.998
-start ${P}_robust_s1 1 robust 0.05 0.998
-start ${P}_robust_s2 2 robust 0.05 0.998
-start ${P}_basic_s$BASIC_SEED $BASIC_SEED basic 0.0 0
+RUNS=${RUNS:-"${P}_robust_s0:0:robust:0.05:0.998 ${P}_robust_s1:1:robust:0.05:0.998 ${P}_robust_s2:2:robust:0.05:0.998 \
+${P}_basic_s$BASIC_SEED:$BASIC_SEED:basic:0.0:0"}
+for run in $RUNS; do IFS=: read -r name seed aug ls ema <<< "$run"; start $name $seed $aug $ls $ema; done
 wait
 echo "runs took $(( $(date +%s) - t0 )) s"
-for r in runs/${P}_*; do
+for r in $(for run in $RUNS; do echo runs/${run%%:*}; done); do
   tr "\r" "\n" < $r/stdout.log | grep -v "it/s\|s/it\|^ *$" | tail -12
   $PY -c "
 import torch; sd = torch.load('$r/best.pt', map_location='cpu', weights_only=True)
 torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}, '$OUT/$(basename $r).pt')
 " || echo "no best.pt in $r"
 done
-tar czf "$OUT/logs.tar.gz" runs/${P}_*/train_log.jsonl runs/${P}_*/train_config.json runs/${P}_*/stdout.log
+tar czf "$OUT/logs.tar.gz" $(for run in $RUNS; do n=runs/${run%%:*}; echo $n/train_log.jsonl $n/train_config.json $n/stdout.log; done)
 ls -la "$OUT"

@@ -15,9 +15,7 @@ It asserts nothing: targets are judged by reading the figures.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,22 +37,11 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def machine() -> str:
-    """Describes the processor (model, relevant flags) and accelerator the figures were measured on."""
-    lines = []
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        flags = set(info.get("Flags", "").split())
-        wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "avx_vnni"]
-        lines.append(f"cpu: {info.get('Model name', platform.processor()).strip()}, "
-                     f"{torch.get_num_threads()} torch threads; flags: "
-                     + " ".join(f for f in wanted if f in flags))
-    except OSError:
-        lines.append(f"cpu: {platform.processor()}")
-    lines.append(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
-                 f"oneDNN native bf16 {precision.native_bf16()}")
+    """Describes the processor (model, family, relevant flags) and accelerator the figures were measured on."""
+    lines = [f"cpu: {precision.describe_cpu()}, {torch.get_num_threads()} torch threads"]
     if torch.cuda.is_available():
         lines.append(f"gpu: {torch.cuda.get_device_name(0)}")
+    lines.append(f"torch {torch.__version__}")
     return "\n".join(lines)
 
 

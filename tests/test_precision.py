@@ -112,3 +112,15 @@ def test_modes_agree_on_scores(bundle_dir):
         assert abs(a.probability - b.probability) < 0.02
         assert a.cam.shape == b.cam.shape == (7, 7)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_cpu_is_named_by_model_family_and_the_flags_that_decide_precision():
+    from core.ml.precision import describe_cpu
+
+    first = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+             "flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx_vnni sha_ni\n")
+    second = first.replace("processor\t: 0", "processor\t: 1").replace("AMD EPYC", "another name")
+    named = describe_cpu(first + "\n" + second)
+    assert named.startswith("AMD EPYC (family 26 model 2), flags avx2 avx512f avx512_bf16 avx_vnni, torch capability ")
+    assert describe_cpu("model name\t: Some CPU\nflags\t: sse\n").startswith(
+        "Some CPU, flags none of avx2/avx512f/avx512_bf16/amx_bf16/avx512_fp16/avx_vnni, ")

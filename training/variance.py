@@ -38,18 +38,9 @@ FIGURES = ("clean_report_auc", "clean_val_auc", "shift_mean", "shift_held_out_me
 
 
 def hardware() -> str:
-    """Names the CPU the figures were measured on, with what decides its precision."""
-    from core.ml.precision import native_bf16
-    info = {}
-    if Path("/proc/cpuinfo").exists():  # the first processor's fields; a vendor's model name can be as bare as "AMD EPYC"
-        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
-            key, _, value = line.partition(":")
-            info[key.strip()] = value.strip()
-    name = info.get("model name", "unknown CPU")
-    if "cpu family" in info:
-        name += f" (family {info['cpu family']} model {info.get('model', '?')})"
-    return (f"{name}, {torch.get_num_threads()} threads, torch capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, oneDNN native bf16 {native_bf16()}")
+    """Names the CPU the figures were measured on, with what decides its precision, and the thread count."""
+    from core.ml.precision import describe_cpu
+    return f"{describe_cpu()}, {torch.get_num_threads()} threads"
 
 
 class Films:

@@ -62,6 +62,33 @@ def native_bf16() -> bool:
         return False
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "avx_vnni")  # those that decide speed
+
+
+def describe_cpu(cpuinfo: str | None = None) -> str:
+    """Names this CPU for a reported figure: model name, family and model (a vendor's name can be as bare as
+    "AMD EPYC"), the flags that decide precision speed, torch's capability and oneDNN's native bf16.
+
+    `cpuinfo` is /proc/cpuinfo's text (read when not given); the first processor's fields are used.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    info = {}
+    for line in cpuinfo.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    name = info.get("model name", "unknown CPU")
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    flags = set(info.get("flags", "").split())
+    return (f"{name}, flags {' '.join(f for f in CPU_FLAGS if f in flags) or 'none of ' + '/'.join(CPU_FLAGS)}, "
+            f"torch capability {torch.backends.cpu.get_cpu_capability()}, oneDNN native bf16 {native_bf16()}")
+
+
 def allowed_modes(device: torch.device, *, bf16_allowed: bool) -> tuple[str, ...]:
     """Lists the modes this device may run; bf16 only where the bundle's accuracy check allows it."""
     if device.type == "cuda":

@@ -91,7 +91,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         latencies = sorted(r.scored_at.timestamp() - dropped[r.source_name] for r in rows if r.scored_at)
         failed = [r for r in rows if r.status != Status.SCORED]
         cpu = [_tree_cpu_seconds(p.pid) - c0 for p, c0 in zip(procs, cpu_start)]
-        print(f"\n== {label}: {n} films, worker concurrency {concurrency} ==")
+        print(f"\n== {label}: {n} films, worker concurrency {concurrency or 'default'} ==")
         print(f"throughput       {len(latencies) / wall:.2f} studies/s ({len(latencies)} scored in {wall:.1f} s, "
               f"{len(failed)} not scored)")
         if latencies:
@@ -109,6 +109,14 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         sizes = [r.timings.get("batch_size", 1) for r in rows if r.timings]
         if sizes:
             print(f"batch size       mean {statistics.mean(sizes):.1f}")
+        # Each pool process's share of the burst spent in forward passes: what is left is its idle time and
+        # its own overhead (claims, decode, persistence, messages), the service's gap to the limit.
+        in_forward: dict[str, float] = {}
+        for r in rows:
+            if r.timings and r.worker and r.timings.get("forward_cam_ms") is not None:
+                in_forward[r.worker] = in_forward.get(r.worker, 0.0) + r.timings["forward_cam_ms"] / 1000
+        for name, busy in sorted(in_forward.items()):
+            print(f"in forward       {name.rsplit(':', 1)[-1]:>8s}: {busy:.1f} s of {wall:.1f} s ({busy / wall:.0%})")
         return {"throughput": len(latencies) / wall if wall > 0 else 0.0,
                 "p50": statistics.median(latencies) if latencies else None,
                 "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None}
@@ -177,7 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=40)
     ap.add_argument("--model", type=Path, default=REPO / "models" / "default")
-    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, default=0, help="worker pool processes (0: the service's default)")
     ap.add_argument("--postgres", help="base URL of a Postgres server (a scratch database is created)")
     ap.add_argument("--redis", help="Redis URL for the broker")
     ap.add_argument("--skip-embedded", action="store_true")

@@ -61,15 +61,18 @@ def ingest() -> None:
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--concurrency", "-c", type=int, default=None,
-              help="pool processes (default CHESTAID_WORKER_CONCURRENCY, 1)")
+              help="pool processes (default CHESTAID_WORKER_CONCURRENCY; when 0, one per core on a CPU, "
+                   "one on a GPU)")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(concurrency: int | None, celery_args: tuple[str, ...]) -> None:
     """Runs a scoring worker: `celery -A worker.app worker` (extra arguments go to celery)."""
+    from core.ml.threads import gpu_visible, pool_processes
     from worker.app import celery_app
 
     settings = load_settings()
     settings.ensure_dirs()  # the default broker is a SQLite file under the data dir
-    celery_app.worker_main(["worker", f"--concurrency={concurrency or settings.worker_concurrency}",
+    processes = concurrency or settings.worker_concurrency or pool_processes(cuda=gpu_visible())
+    celery_app.worker_main(["worker", f"--concurrency={processes}",
                             "--loglevel=INFO", *celery_args])
 
 

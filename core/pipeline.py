@@ -62,25 +62,40 @@ def _crash_if_marked(settings: Settings, names: list[str]) -> None:
         os._exit(70)
 
 
+# A task goes on claiming fresh queued studies, pass after pass, for at most this long: a burst is scored with no
+# gap between tasks, yet each task ends in good time (a recalibration applies from the next task on).
+DRAIN_SECONDS = 30.0
+
+
 def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: str,
                     batch_size: int = 0) -> dict[int, str]:
     """Scores studies end to end; returns {study_id: final status or "skipped"}.
 
-    With `batch_size` > 0 a burst fills the batch: queued studies beyond those delivered are claimed too, up to
-    two forward passes of `batch_size`, and the stages overlap — the next pass's films are decoded and the last
-    pass's heat-maps encoded and stored by a thread pool while the network runs.
+    With `batch_size` > 0 a burst fills the batch: queued studies beyond those delivered are claimed too, one
+    forward pass ahead, for as long as fresh ones are queued (up to DRAIN_SECONDS), and the stages overlap — the
+    next pass's films are decoded and the last pass's heat-maps encoded and stored by a thread pool while the
+    network runs. Claiming a single pass ahead, not the whole queue, leaves the rest to the other processes.
     """
     outcome: dict[int, str] = {}
-    claimed, calibration = _claim(study_ids, bundle=bundle, settings=settings, worker=worker,
-                                  room=2 * batch_size, outcome=outcome)
-    _crash_if_marked(settings, [c.source_name for c in claimed])
+    claimed, calibration, burst = _claim(study_ids, bundle=bundle, settings=settings, worker=worker,
+                                         room=batch_size, outcome=outcome)
     chunk = batch_size or max(1, len(claimed))
+    deadline = time.monotonic() + DRAIN_SECONDS
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage") as pool:
-        loads = [pool.submit(_load, c, settings) for c in claimed]  # decoding starts at once, ahead of the model
-        persisting = []
-        for start in range(0, len(claimed), chunk):
+        def start(more: list[Claimed]) -> list[tuple[Claimed, object]]:
+            _crash_if_marked(settings, [c.source_name for c in more])
+            return [(c, pool.submit(_load, c, settings)) for c in more]  # decoding starts at once
+        queue = start(claimed)
+        persisting, following = [], None
+        while queue:
+            this, queue = queue[:chunk], queue[chunk:]
+            if burst and not queue and time.monotonic() < deadline:
+                # The next pass is claimed by a stage thread while this one runs: on SQLite the claim may wait
+                # for the ingester's write lock, and the network need not wait with it.
+                following = pool.submit(lambda: start(_companions(settings=settings, worker=worker,
+                                                                  limit=batch_size)))
             ready = []
-            for c, load in zip(claimed[start:start + chunk], loads[start:start + chunk]):
+            for c, load in this:
                 image, decode_ms, failure = load.result()
                 if failure is None:
                     ready.append((c, image, decode_ms))
@@ -91,16 +106,18 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
             persisting += [(c, pool.submit(_persist, c, img, res, decode_ms, bundle=bundle, settings=settings,
                                            calibration=calibration))
                            for (c, img, decode_ms), res in zip(ready, results)]
+            if following is not None:
+                queue, following = following.result(), None
         for c, done in persisting:
             outcome[c.study_id] = done.result()
     return outcome
 
 
 def _claim(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: str, room: int,
-           outcome: dict[int, str]) -> tuple[list[Claimed], tuple | None]:
+           outcome: dict[int, str]) -> tuple[list[Claimed], tuple | None, bool]:
     """Claims the delivered studies (and, when `room` allows, fresh queued companions) in one transaction;
-    returns them with the calibration in force (None when nothing was claimed). Poison files and studies a live
-    worker holds are settled here."""
+    returns them, the calibration in force (None when nothing was claimed) and whether this is a fresh burst
+    that may go on claiming companions. Poison files and studies a live worker holds are settled here."""
     claimed: list[Claimed] = []
     with session_scope(settings.database_url) as session:
         # In a burst most deliveries are of companions another pass already scored: one read settles them,
@@ -132,21 +149,35 @@ def _claim(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: 
             else:
                 claimed.append(Claimed(sid, token, ""))
         if not claimed:
-            return [], None
-        # A burst: fill the passes with fresh queued studies; a study already claimed before is never a
+            return [], None, False
+        # A burst: fill the pass with fresh queued studies; a study already claimed before is never a
         # companion (it may be a poison file), and a delivered study that is is scored alone (worker.tasks).
-        fresh = all(unfinished[c.study_id] == 0 for c in claimed)  # claim counts before this claim
-        if fresh and room > len(claimed):
+        burst = room > 0 and all(unfinished[c.study_id] == 0 for c in claimed)  # claim counts before this claim
+        if burst and room > len(claimed):
             claimed += [Claimed(sid, token, "") for sid, token in repo.claim_companions(
                 session, worker=worker, limit=room - len(claimed), exclude=[c.study_id for c in claimed])]
-        rows = {s.id: s for s in repo.studies_by_id(session, study_ids=[c.study_id for c in claimed])}
-        for c in claimed:
-            study = rows[c.study_id]
-            c.stored_path, c.source_name, c.override_by = study.stored_path, study.source_name, study.guard_override_by
+        _describe(session, claimed)
         cal = calibrations.in_force(session, bundle=bundle)
         calibration = ((calibrator_from_dict({"kind": cal.kind, "params": cal.params}), cal.threshold, cal.version)
                        if cal else (bundle.calibrator, bundle.threshold, bundle.calibration_version))
-    return claimed, calibration
+    return claimed, calibration, burst
+
+
+def _companions(*, settings: Settings, worker: str, limit: int) -> list[Claimed]:
+    """Claims up to `limit` more fresh queued studies for the next pass of a burst (none: the burst is over)."""
+    with session_scope(settings.database_url) as session:
+        claimed = [Claimed(sid, token, "") for sid, token in repo.claim_companions(
+            session, worker=worker, limit=limit, exclude=[])]
+        _describe(session, claimed)
+    return claimed
+
+
+def _describe(session, claimed: list[Claimed]) -> None:
+    """Fills in each claimed study's stored file, name and guard override from its row."""
+    rows = {s.id: s for s in repo.studies_by_id(session, study_ids=[c.study_id for c in claimed])} if claimed else {}
+    for c in claimed:
+        study = rows[c.study_id]
+        c.stored_path, c.source_name, c.override_by = study.stored_path, study.source_name, study.guard_override_by
 
 
 def _load(c: Claimed, settings: Settings) -> tuple[object, float, str | None]:

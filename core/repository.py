@@ -159,16 +159,17 @@ def claim_companions(session: Session, *, worker: str, limit: int, exclude: list
     return taken
 
 
-def release_claims(session: Session, *, study_ids: list[int], worker: str) -> int:
-    """Gives back the claims `worker` holds on these studies after an orderly failure (an exception, not a
-    death): they are queued again and the claim is not counted, so a retried task is not taken for a poison
-    file. Returns how many were released."""
-    if not study_ids:
+def release_claims(session: Session, *, study_ids: list[int] | None, worker: str) -> int:
+    """Gives back the claims `worker` holds on these studies (None: on every study it holds) after an orderly
+    failure (an exception, not a death): they are queued again and the claim is not counted, so a retried task
+    is not taken for a poison file. Returns how many were released."""
+    if study_ids is not None and not study_ids:
         return 0
-    return session.execute(update(Study).where(
-        Study.id.in_(study_ids), Study.status == Status.PROCESSING, Study.worker == worker,
-        Study.claim_count > 0).values(status=Status.QUEUED, claim_token=None,
-                                      claim_count=Study.claim_count - 1)).rowcount
+    held = [Study.status == Status.PROCESSING, Study.worker == worker, Study.claim_count > 0]
+    if study_ids is not None:
+        held.append(Study.id.in_(study_ids))
+    return session.execute(update(Study).where(*held).values(
+        status=Status.QUEUED, claim_token=None, claim_count=Study.claim_count - 1)).rowcount
 
 
 def unfinished_claim_counts(session: Session, *, study_ids: list[int]) -> dict[int, int]:

@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     worker_alive_seconds: int = 60
     # A claim older than this is re-sent by the stale sweep even though its worker still beats (a hung task).
     claim_timeout_seconds: int = 1800
-    worker_concurrency: int = 1
+    # Pool processes of `chestaid worker`; 0 = one per core on a CPU (each with one torch thread, up to 8), one on
+    # a GPU (core.ml.threads). The cores are shared out among the processes as torch threads.
+    worker_concurrency: int = 0
     # Studies scored in one forward pass when a burst is queued; 0 = the best batch measured on this device.
     score_batch_size: int = 0
     # Inference precision: "auto" times each mode this device and bundle allow and keeps the fastest

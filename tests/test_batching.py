@@ -193,3 +193,35 @@ def test_decoding_and_heatmap_encoding_overlap_the_forward_passes(settings, bund
     # ...and the first pass's heat-maps were encoded while the second pass ran.
     assert sum(during_second for during_second, _, _ in encodes) >= 1
     assert all(name.startswith("stage") for _, _, name in encodes)
+
+
+def test_a_task_drains_a_long_queue_one_pass_ahead_leaving_the_rest_to_others(settings, bundle):
+    # One delivery scores the whole queue with no gap between tasks, but never holds more than the pass running
+    # and the one being decoded: the rest stays queued for the pool's other processes.
+    ids = queue_burst(settings, films(11))
+    held = []
+
+    class Watching(Recording):
+        def forward(self, x):
+            with session_scope(settings.database_url) as s:
+                held.append(len(s.scalars(select(Study.id).where(Study.status == Status.PROCESSING)).all()))
+            return super().forward(x)
+    recording = Watching(bundle)
+    outcome = process_studies([ids[0]], bundle=recording, settings=settings, worker="w", batch_size=3)
+    assert outcome == {sid: "scored" for sid in ids}
+    assert [n for n, _, _ in recording.passes] == [3, 3, 3, 2]
+    assert max(held) <= 2 * 3 and held[0] <= 2 * 3
+
+
+def test_an_orderly_failure_gives_back_the_companions_claims_too(settings, bundle):
+    ids = queue_burst(settings, films(4))
+    with session_scope(settings.database_url) as s:
+        assert repo.claim_study(s, study_id=ids[0], worker="w")
+        taken = repo.claim_companions(s, worker="w", limit=2, exclude=[ids[0]])
+        assert repo.claim_study(s, study_id=ids[3], worker="other")
+    assert [sid for sid, _ in taken] == ids[1:3]
+    with session_scope(settings.database_url) as s:
+        assert repo.release_claims(s, study_ids=None, worker="w") == 3
+    with session_scope(settings.database_url) as s:
+        rows = [s.get(Study, sid) for sid in ids]
+        assert [(r.status, r.claim_count) for r in rows] == [(Status.QUEUED, 0)] * 3 + [(Status.PROCESSING, 1)]

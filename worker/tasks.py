@@ -8,13 +8,14 @@ import socket
 import threading
 import time
 
-from celery.signals import worker_process_init, worker_ready
+import torch
+from celery.signals import worker_init, worker_process_init, worker_ready
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from core import calibrations
 from core import repository as repo
 from core.db import get_engine, session_scope
-from core.ml import precision
+from core.ml import precision, threads
 from core.ml.bundle import META_FILE, Bundle, load_bundle
 from core.pipeline import process_studies
 from core.settings import Settings, get_settings
@@ -81,8 +82,12 @@ MODEL = _Model()
 
 
 def device_label(bundle: Bundle) -> str:
-    """The device, the precision chosen for it and the probe's images/s, e.g. "cpu bf16 41 img/s"."""
-    return bundle.choice.label
+    """The device, the precision chosen for it, the probe's images/s and, on a CPU, this process's torch threads
+    and burst batch, e.g. "cpu fp32 9 img/s, 1 thread, batch 4"."""
+    if bundle.device.type != "cpu":
+        return f"{bundle.choice.label}, batch {MODEL.batch_size}"
+    n = torch.get_num_threads()
+    return f"{bundle.choice.label}, {n} thread{'s' if n > 1 else ''}, batch {MODEL.batch_size}"
 
 
 def _register_calibration(settings: Settings, bundle: Bundle) -> None:
@@ -108,10 +113,20 @@ def _heartbeat_loop(settings: Settings, bundle: Bundle) -> None:
         time.sleep(settings.worker_heartbeat_seconds)
 
 
+POOL = {"processes": 1}  # the size of this worker's pool, recorded in the parent before it forks
+
+
+@worker_init.connect
+def _remember_pool_size(sender=None, **_) -> None:
+    POOL["processes"] = int(getattr(sender, "concurrency", None) or 1)
+
+
 @worker_process_init.connect
 def _load_in_child(**_) -> None:
-    """Loads the model in each pool process after fork (the parent never touches torch devices)."""
+    """Loads the model in each pool process after fork (the parent never touches torch devices), with the
+    machine's cores shared out among the pool's processes as torch threads."""
     settings = get_settings()
+    torch.set_num_threads(threads.threads_per_process(POOL["processes"]))
     get_engine(settings.database_url).dispose(close=False)  # never share connections across fork
     try:
         MODEL.get(settings)
@@ -171,10 +186,12 @@ def _one_at_a_time(study_ids: list[int], *, settings: Settings) -> list[int] | N
 
 
 def _release_claims(study_ids: list[int], *, settings: Settings) -> None:
-    """Gives back this process's claims after an exception (best effort), so they count as no death."""
+    """Gives back this process's claims after an exception (best effort), so they count as no death: on the
+    delivered studies and on the companions the task had claimed for its passes (a pool process runs one task
+    at a time, so every claim it holds without a result is this task's)."""
     try:
         with session_scope(settings.database_url) as session:
-            repo.release_claims(session, study_ids=study_ids, worker=worker_name())
+            repo.release_claims(session, study_ids=None, worker=worker_name())
     except Exception as exc:
         log.warning("could not release the claims on %s (%s); a retry counts them", study_ids, exc)
 

@@ -27,6 +27,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from core.db import session_scope  # noqa: E402
 from core.migrate import upgrade  # noqa: E402
+from core.ml.threads import gpu_visible, pool_processes  # noqa: E402
 from core.models import Status, Study  # noqa: E402
 
 STAGES = ["decode_ms", "preprocess_ms", "forward_cam_ms", "ood_ms", "heatmap_ms"]
@@ -72,7 +73,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
              subprocess.Popen([chestaid, "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)]
     try:
-        _wait_for_worker(db_url)
+        _wait_for_worker(db_url, concurrency or pool_processes(cuda=gpu_visible()))
         films = source_films(n)
         dropped = {}
         cpu_start = [_tree_cpu_seconds(p.pid) for p in procs]
@@ -112,11 +113,17 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         # Each pool process's share of the burst spent in forward passes: what is left is its idle time and
         # its own overhead (claims, decode, persistence, messages), the service's gap to the limit.
         in_forward: dict[str, float] = {}
+        span: dict[str, list[float]] = {}  # first claim and last result of each pool process, from the start
         for r in rows:
             if r.timings and r.worker and r.timings.get("forward_cam_ms") is not None:
                 in_forward[r.worker] = in_forward.get(r.worker, 0.0) + r.timings["forward_cam_ms"] / 1000
+                first, last = r.started_at.timestamp() - t_start, r.scored_at.timestamp() - t_start
+                seen = span.setdefault(r.worker, [first, last])
+                seen[0], seen[1] = min(seen[0], first), max(seen[1], last)
         for name, busy in sorted(in_forward.items()):
-            print(f"in forward       {name.rsplit(':', 1)[-1]:>8s}: {busy:.1f} s of {wall:.1f} s ({busy / wall:.0%})")
+            first, last = span[name]
+            print(f"in forward       {name.rsplit(':', 1)[-1]:>8s}: {busy:.1f} s of {wall:.1f} s ({busy / wall:.0%}); "
+                  f"first claim at {first:.1f} s, last result at {last:.1f} s")
         return {"throughput": len(latencies) / wall if wall > 0 else 0.0,
                 "p50": statistics.median(latencies) if latencies else None,
                 "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None}
@@ -153,13 +160,15 @@ def _tree_cpu_seconds(root: int) -> float:
     return sum(stats[pid][1] for pid in tree if pid in stats) / os.sysconf("SC_CLK_TCK")
 
 
-def _wait_for_worker(db_url: str, timeout: float = 300) -> None:
+def _wait_for_worker(db_url: str, processes: int, timeout: float = 300) -> None:
+    """Waits until every pool process has loaded the model (each beats once it has): a burst dropped while one
+    still runs its start-up probe would be timed against a pool short of a process."""
     from core.models import WorkerHeartbeat
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             with session_scope(db_url) as s:
-                if s.query(WorkerHeartbeat).filter(WorkerHeartbeat.model_version.is_not(None)).count():
+                if s.query(WorkerHeartbeat).filter(WorkerHeartbeat.model_version.is_not(None)).count() >= processes:
                     return
         except Exception:
             pass

@@ -74,7 +74,8 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
     With `batch_size` > 0 a burst fills the batch: queued studies beyond those delivered are claimed too, one
     forward pass ahead, for as long as fresh ones are queued (up to DRAIN_SECONDS), and the stages overlap — the
     next pass's films are decoded and the last pass's heat-maps encoded and stored by a thread pool while the
-    network runs. Claiming a single pass ahead, not the whole queue, leaves the rest to the other processes.
+    network runs. Claiming a single pass ahead, not the whole queue, leaves the rest to the other processes; once
+    less than a pass is left beyond the last claim, the next is claimed only when this process is free.
     """
     outcome: dict[int, str] = {}
     claimed, calibration, burst = _claim(study_ids, bundle=bundle, settings=settings, worker=worker,
@@ -85,15 +86,19 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
         def start(more: list[Claimed]) -> list[tuple[Claimed, object]]:
             _crash_if_marked(settings, [c.source_name for c in more])
             return [(c, pool.submit(_load, c, settings)) for c in more]  # decoding starts at once
+        def claim_next() -> tuple[list[tuple[Claimed, object]], bool]:
+            more, left = _companions(settings=settings, worker=worker, limit=batch_size)
+            return start(more), left >= batch_size
+
         queue = start(claimed)
-        persisting, following = [], None
+        persisting, following, ahead = [], None, True
         while queue:
             this, queue = queue[:chunk], queue[chunk:]
-            if burst and not queue and time.monotonic() < deadline:
+            drain = burst and not queue and time.monotonic() < deadline
+            if drain and ahead:
                 # The next pass is claimed by a stage thread while this one runs: on SQLite the claim may wait
                 # for the ingester's write lock, and the network need not wait with it.
-                following = pool.submit(lambda: start(_companions(settings=settings, worker=worker,
-                                                                  limit=batch_size)))
+                following = pool.submit(claim_next)
             ready = []
             for c, load in this:
                 image, decode_ms, failure = load.result()
@@ -107,7 +112,12 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
                                            calibration=calibration))
                            for (c, img, decode_ms), res in zip(ready, results)]
             if following is not None:
-                queue, following = following.result(), None
+                (queue, ahead), following = following.result(), None
+            elif drain:
+                # The burst's last films are claimed only once this pass is over, so that they go to whichever
+                # pool process is free first: claimed ahead, they could keep this one busy a pass after the
+                # others ran out of work (measured: a tail of 1.3 s in a 16 s burst).
+                queue, ahead = claim_next()
         for c, done in persisting:
             outcome[c.study_id] = done.result()
     return outcome
@@ -163,13 +173,15 @@ def _claim(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: 
     return claimed, calibration, burst
 
 
-def _companions(*, settings: Settings, worker: str, limit: int) -> list[Claimed]:
-    """Claims up to `limit` more fresh queued studies for the next pass of a burst (none: the burst is over)."""
+def _companions(*, settings: Settings, worker: str, limit: int) -> tuple[list[Claimed], int]:
+    """Claims up to `limit` more fresh queued studies for the next pass of a burst (none: the burst is over);
+    returns them and how many fresh ones are still queued after them."""
     with session_scope(settings.database_url) as session:
         claimed = [Claimed(sid, token, "") for sid, token in repo.claim_companions(
             session, worker=worker, limit=limit, exclude=[])]
         _describe(session, claimed)
-    return claimed
+        left = repo.fresh_queued_count(session) if claimed else 0
+    return claimed, left
 
 
 def _describe(session, claimed: list[Claimed]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from core import worklist_rows
@@ -157,6 +157,12 @@ def claim_companions(session: Session, *, worker: str, limit: int, exclude: list
         if won:
             taken.append((sid, token))
     return taken
+
+
+def fresh_queued_count(session: Session) -> int:
+    """How many queued studies were never claimed: what a burst still holds for companion claims."""
+    return session.scalar(select(func.count()).select_from(Study).where(
+        Study.status == Status.QUEUED, Study.claim_count == 0)) or 0
 
 
 def release_claims(session: Session, *, study_ids: list[int] | None, worker: str) -> int:

@@ -181,9 +181,7 @@ def main() -> None:
         pool = pool_limit(args.model, chosen.mode, processes)
         print(f"{processes} processes × {threads_per_process(processes)} thread(s) at once, images/s by batch: "
               + ", ".join(f"{b}: {v:.2f}" for b, v in pool.items()))
-        best_pool = max(pool, key=pool.get)
-        if pool[best_pool] > limit:
-            limit = pool[best_pool]
+        limit = max(limit, *pool.values())
     print(f"LIMIT {limit:.2f} images/s (the better layout; the service runs {processes} pool process(es))")
 
     if args.burst or args.idle:

@@ -164,8 +164,8 @@ def _claim(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: 
         # companion (it may be a poison file), and a delivered study that is is scored alone (worker.tasks).
         burst = room > 0 and all(unfinished[c.study_id] == 0 for c in claimed)  # claim counts before this claim
         if burst and room > len(claimed):
-            claimed += [Claimed(sid, token, "") for sid, token in repo.claim_companions(
-                session, worker=worker, limit=room - len(claimed), exclude=[c.study_id for c in claimed])]
+            claimed += _take_companions(session, worker=worker, limit=room - len(claimed),
+                                        exclude=[c.study_id for c in claimed])
         _describe(session, claimed)
         cal = calibrations.in_force(session, bundle=bundle)
         calibration = ((calibrator_from_dict({"kind": cal.kind, "params": cal.params}), cal.threshold, cal.version)
@@ -177,11 +177,15 @@ def _companions(*, settings: Settings, worker: str, limit: int) -> tuple[list[Cl
     """Claims up to `limit` more fresh queued studies for the next pass of a burst (none: the burst is over);
     returns them and how many fresh ones are still queued after them."""
     with session_scope(settings.database_url) as session:
-        claimed = [Claimed(sid, token, "") for sid, token in repo.claim_companions(
-            session, worker=worker, limit=limit, exclude=[])]
+        claimed = _take_companions(session, worker=worker, limit=limit, exclude=[])
         _describe(session, claimed)
         left = repo.fresh_queued_count(session) if claimed else 0
     return claimed, left
+
+
+def _take_companions(session, *, worker: str, limit: int, exclude: list[int]) -> list[Claimed]:
+    return [Claimed(sid, token, "") for sid, token in repo.claim_companions(
+        session, worker=worker, limit=limit, exclude=exclude)]
 
 
 def _describe(session, claimed: list[Claimed]) -> None:

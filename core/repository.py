@@ -165,16 +165,12 @@ def fresh_queued_count(session: Session) -> int:
         Study.status == Status.QUEUED, Study.claim_count == 0)) or 0
 
 
-def release_claims(session: Session, *, study_ids: list[int] | None, worker: str) -> int:
-    """Gives back the claims `worker` holds on these studies (None: on every study it holds) after an orderly
-    failure (an exception, not a death): they are queued again and the claim is not counted, so a retried task
-    is not taken for a poison file. Returns how many were released."""
-    if study_ids is not None and not study_ids:
-        return 0
-    held = [Study.status == Status.PROCESSING, Study.worker == worker, Study.claim_count > 0]
-    if study_ids is not None:
-        held.append(Study.id.in_(study_ids))
-    return session.execute(update(Study).where(*held).values(
+def release_claims(session: Session, *, worker: str) -> int:
+    """Gives back every claim `worker` (one pool process, which runs one task at a time) holds without a result,
+    after an orderly failure (an exception, not a death): the studies are queued again and the claim is not
+    counted, so a retried task is not taken for a poison file. Returns how many were released."""
+    return session.execute(update(Study).where(
+        Study.status == Status.PROCESSING, Study.worker == worker, Study.claim_count > 0).values(
         status=Status.QUEUED, claim_token=None, claim_count=Study.claim_count - 1)).rowcount
 
 

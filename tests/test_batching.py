@@ -221,7 +221,7 @@ def test_an_orderly_failure_gives_back_the_companions_claims_too(settings, bundl
         assert repo.claim_study(s, study_id=ids[3], worker="other")
     assert [sid for sid, _ in taken] == ids[1:3]
     with session_scope(settings.database_url) as s:
-        assert repo.release_claims(s, study_ids=None, worker="w") == 3
+        assert repo.release_claims(s, worker="w") == 3
     with session_scope(settings.database_url) as s:
         rows = [s.get(Study, sid) for sid in ids]
         assert [(r.status, r.claim_count) for r in rows] == [(Status.QUEUED, 0)] * 3 + [(Status.PROCESSING, 1)]

@@ -84,10 +84,9 @@ MODEL = _Model()
 def device_label(bundle: Bundle) -> str:
     """The device, the precision chosen for it, the probe's images/s and, on a CPU, this process's torch threads
     and burst batch, e.g. "cpu fp32 9 img/s, 1 thread, batch 4"."""
-    if bundle.device.type != "cpu":
-        return f"{bundle.choice.label}, batch {MODEL.batch_size}"
     n = torch.get_num_threads()
-    return f"{bundle.choice.label}, {n} thread{'s' if n > 1 else ''}, batch {MODEL.batch_size}"
+    share = f", {n} thread{'s' if n > 1 else ''}" if bundle.device.type == "cpu" else ""
+    return f"{bundle.choice.label}{share}, batch {MODEL.batch_size}"
 
 
 def _register_calibration(settings: Settings, bundle: Bundle) -> None:
@@ -185,13 +184,13 @@ def _one_at_a_time(study_ids: list[int], *, settings: Settings) -> list[int] | N
     return sorted(counts, key=lambda sid: (counts[sid], study_ids.index(sid)))
 
 
-def _release_claims(study_ids: list[int], *, settings: Settings) -> None:
+def _release_claims(*, settings: Settings) -> None:
     """Gives back this process's claims after an exception (best effort), so they count as no death: on the
     delivered studies and on the companions the task had claimed for its passes (a pool process runs one task
     at a time, so every claim it holds without a result is this task's)."""
     try:
         with session_scope(settings.database_url) as session:
-            repo.release_claims(session, study_ids=None, worker=worker_name())
+            repo.release_claims(session, worker=worker_name())
     except Exception as exc:
         log.warning("could not release the claims on %s (%s); a retry counts them", study_ids, exc)
 
@@ -208,7 +207,7 @@ def _run(task, study_ids: list[int]) -> dict[int, str]:
     try:
         outcome = run_scoring(study_ids, settings=settings)
     except TRANSIENT as exc:
-        _release_claims(study_ids, settings=settings)
+        _release_claims(settings=settings)
         retries = task.request.retries
         countdown = min(60.0, 2.0 ** retries) * (0.5 + random.random())
         log.warning("transient error scoring %s (%s); retry %d/%d in %.1fs", study_ids, exc, retries + 1,
@@ -216,7 +215,7 @@ def _run(task, study_ids: list[int]) -> dict[int, str]:
         # After the last retry the study is left for the ingester's stale re-enqueue sweep.
         raise task.retry(exc=exc, countdown=countdown, max_retries=settings.task_max_retries)
     except Exception as exc:
-        _release_claims(study_ids, settings=settings)
+        _release_claims(settings=settings)
         if len(study_ids) > 1:  # one poisoned study must not fail the rest of a batch
             outcome = {}
             for sid in study_ids:

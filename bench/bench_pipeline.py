@@ -73,7 +73,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
              subprocess.Popen([chestaid, "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)]
     try:
-        _wait_for_worker(db_url, concurrency or pool_processes(cuda=gpu_visible()))
+        devices = _wait_for_worker(db_url, concurrency or pool_processes(cuda=gpu_visible()))
         films = source_films(n)
         dropped = {}
         cpu_start = [_tree_cpu_seconds(p.pid) for p in procs]
@@ -91,10 +91,15 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         wall = max(r.scored_at.timestamp() for r in rows if r.scored_at) - t_start
         latencies = sorted(r.scored_at.timestamp() - dropped[r.source_name] for r in rows if r.scored_at)
         failed = [r for r in rows if r.status != Status.SCORED]
-        cpu = [_tree_cpu_seconds(p.pid) - c0 for p, c0 in zip(procs, cpu_start)]
+        cpu_end = [_tree_cpu_seconds(p.pid) for p in procs]
+        # Per process: a pool process alive at both reads counts its difference (the main and pool processes
+        # outlive a burst); the ingester is one process.
+        worker_cpu = {pid: t - cpu_start[0].get(pid, 0.0) for pid, t in cpu_end[0].items()}
+        cpu = [sum(worker_cpu.values()), sum(cpu_end[1].values()) - sum(cpu_start[1].values())]
         print(f"\n== {label}: {n} films, worker concurrency {concurrency or 'default'} ==")
+        print("pool processes   " + "; ".join(devices))
         print(f"throughput       {len(latencies) / wall:.2f} studies/s ({len(latencies)} scored in {wall:.1f} s, "
-              f"{len(failed)} not scored)")
+              f"{len(failed)} not scored{_by_status(failed)})")
         if latencies:
             print(f"latency p50      {statistics.median(latencies):.2f} s (drop → scored)")
             print(f"latency p95      {latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]:.2f} s")
@@ -107,6 +112,8 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         # broker) leaves it, so these say what to cut next.
         print(f"cpu seconds      worker {cpu[0]:.1f}, ingester {cpu[1]:.1f} "
               f"({1000 * cpu[1] / n:.0f} ms per film); wall {wall:.1f} s on {os.cpu_count()} cores")
+        print(f"worker cpu       main process {worker_cpu.pop(procs[0].pid, 0.0):.1f} s, pool processes "
+              + ", ".join(f"{pid}: {t:.1f} s" for pid, t in sorted(worker_cpu.items())))
         sizes = [r.timings.get("batch_size", 1) for r in rows if r.timings]
         if sizes:
             print(f"batch size       mean {statistics.mean(sizes):.1f}")
@@ -141,8 +148,9 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _tree_cpu_seconds(root: int) -> float:
-    """CPU seconds (user + system) used so far by a process and its live descendants (Linux /proc)."""
+def _tree_cpu_seconds(root: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by a process and each of its live descendants (Linux /proc),
+    by pid."""
     stats = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -157,19 +165,29 @@ def _tree_cpu_seconds(root: int) -> float:
         kids = [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in tree]
         tree.update(kids)
         frontier += kids
-    return sum(stats[pid][1] for pid in tree if pid in stats) / os.sysconf("SC_CLK_TCK")
+    return {pid: stats[pid][1] / os.sysconf("SC_CLK_TCK") for pid in tree if pid in stats}
 
 
-def _wait_for_worker(db_url: str, processes: int, timeout: float = 300) -> None:
+def _by_status(rows: list[Study]) -> str:
+    """Says what became of the films that were not scored, e.g. ": refused 2" (the OOD guard's refusals)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return (": " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))) if counts else ""
+
+
+def _wait_for_worker(db_url: str, processes: int, timeout: float = 300) -> list[str]:
     """Waits until every pool process has loaded the model (each beats once it has): a burst dropped while one
-    still runs its start-up probe would be timed against a pool short of a process."""
+    still runs its start-up probe would be timed against a pool short of a process. Returns each one's device
+    label (precision, probe figure, threads, burst batch)."""
     from core.models import WorkerHeartbeat
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             with session_scope(db_url) as s:
-                if s.query(WorkerHeartbeat).filter(WorkerHeartbeat.model_version.is_not(None)).count() >= processes:
-                    return
+                beats = s.query(WorkerHeartbeat).filter(WorkerHeartbeat.model_version.is_not(None)).all()
+                if len(beats) >= processes:
+                    return [f"{b.name.rsplit(':', 1)[-1]}: {b.device}" for b in beats]
         except Exception:
             pass
         time.sleep(0.5)

@@ -46,14 +46,14 @@ def ingest() -> None:
     import threading
 
     from core.intake.watcher import Ingester
-    from worker.app import make_enqueue
+    from worker.app import make_enqueue, make_enqueue_group
 
     setup_logging()
     settings = load_settings()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ingester = Ingester(settings, make_enqueue()).start()
+    ingester = Ingester(settings, make_enqueue(), enqueue_group=make_enqueue_group()).start()
     click.echo(f"ingesting films dropped into {settings.inbox}")
     stop.wait()
     ingester.stop()

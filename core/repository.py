@@ -110,9 +110,9 @@ def studies_by_id(session: Session, *, study_ids: list[int]) -> list[Study]:
     return list(session.scalars(select(Study).where(Study.id.in_(study_ids))))
 
 
-def mark_enqueued(session: Session, *, study_id: int) -> None:
-    """Records that a scoring task was sent for the study."""
-    session.execute(update(Study).where(Study.id == study_id)
+def mark_enqueued(session: Session, *, study_ids: list[int]) -> None:
+    """Records that a scoring task was sent for the studies (one message may name several)."""
+    session.execute(update(Study).where(Study.id.in_(study_ids))
                     .values(enqueued_at=utcnow(), enqueue_count=Study.enqueue_count + 1))
 
 

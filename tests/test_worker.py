@@ -30,7 +30,7 @@ from core.models import Calibration, Status, Study, WorkerHeartbeat
 from core.settings import Settings
 from tests.conftest import fixture_images
 from tests.services import WorkerProcess, clean_env, fresh_postgres_database, wait_for
-from worker.app import create_celery, make_enqueue
+from worker.app import create_celery, make_enqueue, make_enqueue_group
 
 SLOW = 3.0  # seconds a fault-injected task spends inside its claim
 
@@ -164,6 +164,20 @@ def test_sending_the_task_again_changes_nothing(stack):
     after = stack.study(sid)
     assert (after.status, after.scored_at, after.logit, after.claim_token, after.heatmap_path) == (
         Status.SCORED, first.scored_at, first.logit, first.claim_token, first.heatmap_path)
+
+
+@pytest.mark.services
+def test_one_group_message_from_the_ingester_scores_every_study_it_names(stack):
+    held: list[int] = []
+    for i in range(3):
+        path = stack.settings.inbox / f"group{i}.png"
+        path.write_bytes(variant(i, 40 + i))
+        ingest_file(path, settings=stack.settings, enqueue=stack.enqueue, wait=False, hand_over=held.append)
+    assert len(held) == 3 and all(stack.study(sid).enqueued_at is None for sid in held)  # handed over, not sent
+    make_enqueue_group(create_celery(stack.settings))(held)  # the ingester's sender: one score_batch message
+    for sid in held:
+        row = stack.wait_status(sid, Status.SCORED)
+        assert row.heatmap_path == f"heatmaps/{sid}.png" and row.claim_count == 1
 
 
 @pytest.mark.services
@@ -413,4 +427,31 @@ def test_task_retries_transient_errors_a_bounded_number_of_times_and_fails_only_
         bad = session.get(Study, ids[2])
         assert (bad.status, bad.error) == (Status.FAILED, "could not be scored: RuntimeError: tensor shape mismatch")
         assert session.get(Study, ids[1]).status == Status.QUEUED  # the fake scorer never touched it
+    get_engine(settings.database_url).dispose()
+
+
+def test_a_failed_release_of_claims_is_logged_and_the_task_still_retries(tmp_path, monkeypatch, caplog):
+    from sqlalchemy.exc import OperationalError
+
+    import worker.tasks as tasks
+    from core import repository as repo
+
+    settings = Settings(data_dir=tmp_path / "var", inbox=tmp_path / "inbox", task_max_retries=1)
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    calls: list[list[int]] = []
+
+    def down(study_ids, *, settings):
+        calls.append(list(study_ids))
+        raise OperationalError("SELECT 1", {}, Exception("database restarting"))
+
+    def release_fails(session, *, worker):
+        raise OperationalError("UPDATE", {}, Exception("database restarting"))
+    monkeypatch.setattr(tasks, "run_scoring", down)
+    monkeypatch.setattr(repo, "release_claims", release_fails)
+    with caplog.at_level("WARNING", logger="worker.tasks"), pytest.raises(OperationalError):
+        tasks.score_study.apply(args=[7]).get()
+    assert calls == [[7], [7]]  # the failed release did not end the task: it retried as usual
+    assert "could not release this process's claims" in caplog.text
     get_engine(settings.database_url).dispose()

@@ -134,3 +134,15 @@ def make_enqueue(app: Celery = celery_app) -> Callable[[int], None]:
     def enqueue(study_id: int) -> None:
         app.send_task(SCORE_STUDY, args=[int(study_id)])
     return enqueue
+
+
+def make_enqueue_group(app: Celery = celery_app) -> Callable[[list[int]], None]:
+    """Returns the ingester's group callback (core.intake.sender): one score_batch message for several studies
+    committed together, score_study for one."""
+    def enqueue_group(study_ids: list[int]) -> None:
+        ids = [int(s) for s in study_ids]
+        if len(ids) == 1:
+            app.send_task(SCORE_STUDY, args=ids)
+        else:
+            app.send_task(SCORE_BATCH, args=[ids])
+    return enqueue_group

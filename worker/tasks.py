@@ -192,7 +192,7 @@ def _release_claims(*, settings: Settings) -> None:
         with session_scope(settings.database_url) as session:
             repo.release_claims(session, worker=worker_name())
     except Exception as exc:
-        log.warning("could not release the claims on %s (%s); a retry counts them", study_ids, exc)
+        log.warning("could not release this process's claims (%s); a retry counts them", exc)
 
 
 def _run(task, study_ids: list[int]) -> dict[int, str]:

@@ -84,14 +84,14 @@ def send(study_id: int, *, settings: Settings, enqueue: Enqueue) -> bool:
         return False
     try:
         with session_scope(settings.database_url) as session:
-            repo.mark_enqueued(session, study_id=study_id)
+            repo.mark_enqueued(session, study_ids=[study_id])
     except Exception as exc:  # the message is out; at worst the sweep sends it again (tasks are idempotent)
         log.warning("study %s enqueued but not marked (%s)", study_id, exc)
     return True
 
 
 def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop: threading.Event | None = None,
-                wait: bool = True) -> int | None:
+                wait: bool = True, hand_over: Callable[[int], None] | None = None) -> int | None:
     """Claims one inbox entry, archives a verified copy, commits its Study and then enqueues it; returns the
     study id (None if skipped: vanished, already being ingested, or we are stopping).
 
@@ -99,6 +99,8 @@ def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop:
     Crash safety: the entry is first renamed into a private claim folder (core.intake.claim), then copied and hashed
     through one open descriptor, the archive copy verified, the row committed, and only then the claimed file
     removed; a crash at any point leaves the file in the inbox or the claim folder, to be ingested again.
+    With `hand_over` (the watcher's core.intake.sender) the committed study is handed to it instead of being
+    sent here, so that films committed together share one message.
     Entries that are not regular files (links, pipes, devices) and files over `max_file_bytes` are recorded as
     failed studies and never read (see _record_unread).
     """
@@ -116,13 +118,14 @@ def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop:
         if claimed is None:
             return None  # deleted by the sender, or taken by another ingest
     try:
-        return _ingest_claimed(claimed, settings=settings, enqueue=enqueue, stop=stop)
+        return _ingest_claimed(claimed, settings=settings, stop=stop,
+                               send_study=hand_over or (lambda sid: send(sid, settings=settings, enqueue=enqueue)))
     finally:
         claim.finish(claimed.parent)
 
 
-def _ingest_claimed(claimed: Path, *, settings: Settings, enqueue: Enqueue,
-                    stop: threading.Event | None) -> int | None:
+def _ingest_claimed(claimed: Path, *, settings: Settings, stop: threading.Event | None,
+                    send_study: Callable[[int], object]) -> int | None:
     """Ingests a claimed entry; the claimed file is removed only once what it holds is recorded."""
     try:
         fd = claim.open_claimed(claimed)
@@ -145,7 +148,7 @@ def _ingest_claimed(claimed: Path, *, settings: Settings, enqueue: Enqueue,
                      _log_name(claimed, archived.info, archived.rejected), study_id, status, archived.size,
                      archived.sha[:12])
             if status == Status.QUEUED:
-                send(study_id, settings=settings, enqueue=enqueue)
+                send_study(study_id)
             # A sender that paused past the stability wait may still hold the file: let it finish first.
             claim.wait_writers_closed(fd, settings.writer_grace_seconds, stop=stop)
             if claim.signature(fd) == archived.signature:
@@ -281,16 +284,16 @@ def scan_inbox(*, settings: Settings, enqueue: Enqueue, stop: threading.Event | 
     return ids
 
 
-def requeue_stale(*, settings: Settings, enqueue: Enqueue) -> list[int]:
+def requeue_stale(*, settings: Settings, enqueue: Enqueue, skip: Callable[[], set[int]] = set) -> list[int]:
     """Sends again the unfinished studies whose message looks lost or whose worker died holding the claim
     (the rule is core.intake.staleness.stale_study_ids); healthy work waiting in the broker or held by a live worker
-    is left alone."""
+    is left alone, and so are the `skip()` ids (handed to the watcher's sender and about to go)."""
     with session_scope(settings.database_url) as session:
         ids = staleness.stale_study_ids(session, now=utcnow(), requeue_after_seconds=settings.requeue_after_seconds,
                                         worker_alive_seconds=settings.worker_alive_seconds,
                                         claim_timeout_seconds=settings.claim_timeout_seconds)
-    sent = []
-    for sid in ids:
+    sent, skipping = [], skip()
+    for sid in (i for i in ids if i not in skipping):
         if not send(sid, settings=settings, enqueue=enqueue):
             break  # broker down: the next sweep tries again
         sent.append(sid)

@@ -12,6 +12,7 @@ from watchdog.observers import Observer
 
 from core.intake import claim
 from core.intake.ingest import Enqueue, inbox_files, ingest_file, is_candidate, requeue_stale
+from core.intake.sender import EnqueueGroup, GroupSender, one_by_one
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,14 @@ class _Handler(FileSystemEventHandler):
 
 
 class Ingester:
-    """Wires watchdog to ingest_file, and runs the start-up scan and the stale re-enqueue sweep."""
+    """Wires watchdog to ingest_file, sends committed studies through a GroupSender (`enqueue_group`: one message
+    for several studies; by default `enqueue` once per study), and runs the start-up scan and the stale
+    re-enqueue sweep."""
 
-    def __init__(self, settings: Settings, enqueue: Enqueue, *, threads: int = 4,
-                 sweep_seconds: float | None = None):
+    def __init__(self, settings: Settings, enqueue: Enqueue, *, enqueue_group: EnqueueGroup | None = None,
+                 threads: int = 4, sweep_seconds: float | None = None):
         self.settings, self.enqueue, self.threads = settings, enqueue, threads
+        self._sender = GroupSender(settings, enqueue_group or one_by_one(enqueue), busy=self._busy)
         # The sweep also rescans the inbox, so a file whose event was lost is still ingested.
         self.sweep_seconds = sweep_seconds or max(0.5, min(60.0, settings.requeue_after_seconds / 4))
         self._stop = threading.Event()
@@ -52,6 +56,7 @@ class Ingester:
     def start(self) -> "Ingester":
         """Starts watching; files already in the inbox are ingested at once."""
         self.settings.ensure_dirs()
+        self._sender.start()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ingest")
         self._observer = Observer()
         self._observer.schedule(_Handler(self), str(self.settings.inbox), recursive=False)
@@ -82,19 +87,26 @@ class Ingester:
 
     def _ingest(self, path: Path) -> None:
         try:
-            ingest_file(path, settings=self.settings, enqueue=self.enqueue, stop=self._stop)
+            ingest_file(path, settings=self.settings, enqueue=self.enqueue, stop=self._stop,
+                        hand_over=self._sender.submit)
         except Exception:
             log.exception("could not ingest %s; it stays in the inbox or claim folder and is retried", path)
         finally:
             with self._lock:
                 self._inflight.discard(path)
+            self._sender.poke()
+
+    def _busy(self) -> int:
+        """Files being ingested now (the sender lets a group fill while there are some)."""
+        with self._lock:
+            return len(self._inflight)
 
     def _sweep_loop(self) -> None:
         while not self._stop.is_set():
             for path in inbox_files(self.settings):
                 self.submit(path)
             try:
-                requeue_stale(settings=self.settings, enqueue=self.enqueue)
+                requeue_stale(settings=self.settings, enqueue=self.enqueue, skip=self._sender.in_flight)
             except Exception:
                 log.exception("stale re-enqueue sweep failed; retrying in %ss", self.sweep_seconds)
             self._stop.wait(self.sweep_seconds)
@@ -109,6 +121,7 @@ class Ingester:
             self._sweeper.join(timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        self._sender.stop(timeout)  # after the pool: what its last files committed is sent first
 
     def __enter__(self) -> "Ingester":
         return self.start()

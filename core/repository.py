@@ -192,17 +192,30 @@ def save_score(session: Session, *, study_id: int, token: str, logit: float, mod
                threshold: float, calibration_version: str, width: int, height: int, heatmap_path: str,
                timings: dict) -> bool:
     """Stores a result if the claim is still held; returns False if another claim took over."""
-    flagged = bool(score >= threshold)
-    result = session.execute(
-        update(Study).where(Study.id == study_id, Study.claim_token == token, Study.status == Status.PROCESSING)
-        .values(status=Status.SCORED, error=None, scored_at=utcnow(), logit=logit, model_version=model_version,
-                scored_score=score, scored_threshold=threshold, scored_flagged=flagged,
-                scored_calibration_version=calibration_version, score=score, threshold=threshold, flagged=flagged,
-                calibration_version=calibration_version, width=width, height=height, heatmap_path=heatmap_path,
-                timings=timings))
-    if result.rowcount == 1:
-        worklist_rows.refresh(session, study_ids=[study_id])  # it is unread now: onto the worklist
-    return result.rowcount == 1
+    return bool(save_scores(session, [dict(study_id=study_id, token=token, logit=logit, model_version=model_version,
+                                           score=score, threshold=threshold, calibration_version=calibration_version,
+                                           width=width, height=height, heatmap_path=heatmap_path, timings=timings)]))
+
+
+def save_scores(session: Session, results: list[dict]) -> list[int]:
+    """Stores a forward pass's results (each a dict of save_score's keywords) in the caller's transaction, each
+    only if its claim is still held; returns the ids stored. One worklist refresh covers them all."""
+    stored = []
+    for r in results:
+        flagged = bool(r["score"] >= r["threshold"])
+        result = session.execute(
+            update(Study).where(Study.id == r["study_id"], Study.claim_token == r["token"],
+                                Study.status == Status.PROCESSING)
+            .values(status=Status.SCORED, error=None, scored_at=utcnow(), logit=r["logit"],
+                    model_version=r["model_version"], scored_score=r["score"], scored_threshold=r["threshold"],
+                    scored_flagged=flagged, scored_calibration_version=r["calibration_version"], score=r["score"],
+                    threshold=r["threshold"], flagged=flagged, calibration_version=r["calibration_version"],
+                    width=r["width"], height=r["height"], heatmap_path=r["heatmap_path"], timings=r["timings"]))
+        if result.rowcount == 1:
+            stored.append(r["study_id"])
+    if stored:
+        worklist_rows.refresh(session, study_ids=stored)  # they are unread now: onto the worklist
+    return stored
 
 
 def mark_failed(session: Session, *, study_id: int, reason: str, token: str | None = None,

@@ -77,14 +77,21 @@ def settings(tmp_path, db_url) -> Settings:
     return s
 
 
-def test_a_burst_of_n_is_scored_in_ceil_n_over_b_passes_each_study_once(settings, bundle):
+def test_a_burst_of_n_is_scored_in_ceil_n_over_b_passes_each_study_once(settings, bundle, monkeypatch):
     recording = Recording(bundle)
     ids = queue_burst(settings, films(10))
-    outcome = {}
+    outcome, stores = {}, []
+    real_store = repo.save_scores
+
+    def store(session, results):  # each call is one pass's transaction (core.pipeline._persist)
+        stores.append(len(results))
+        return real_store(session, results)
+    monkeypatch.setattr(repo, "save_scores", store)
     for sid in ids:  # the tasks, in the order the broker hands them out
         result = process_studies([sid], bundle=recording, settings=settings, worker="w", batch_size=4)
         outcome.update({k: v for k, v in result.items() if v != "skipped"})
     assert [n for n, _, _ in recording.passes] == [4, 4, 2]  # ⌈10/4⌉ passes
+    assert stores == [4, 4, 2]  # one write per pass, not one per study
     assert outcome == {sid: "scored" for sid in ids}
     with session_scope(settings.database_url) as s:
         rows = s.scalars(select(Study).order_by(Study.id)).all()

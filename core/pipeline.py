@@ -17,7 +17,7 @@ from core.films.imaging import load_grayscale
 from core.intake import staleness
 from core.ml.bundle import Bundle
 from core.ml.calibration import calibrator_from_dict
-from core.ml.gradcam import heatmap_png
+from core.ml.gradcam import cam_png
 from core.ml.scoring import score_images
 from core.models import utcnow
 from core.settings import Settings
@@ -239,7 +239,7 @@ def _persist(scored: list[tuple[Claimed, object, object, float]], *, bundle: Bun
             log.info("study %s scored despite the OOD guard: override by %s", c.study_id, c.override_by)
         t0 = time.perf_counter()
         heat_rel = f"heatmaps/{c.study_id}.png"
-        atomic_write(settings.data_dir / heat_rel, heatmap_png(res.cam, img.size))
+        atomic_write(settings.data_dir / heat_rel, cam_png(res.cam))
         timings = {**res.timings, "decode_ms": decode_ms, "heatmap_ms": (time.perf_counter() - t0) * 1000}
         results.append(dict(study_id=c.study_id, token=c.token, logit=res.logit, model_version=bundle.version,
                             score=res.score, threshold=threshold, calibration_version=cal_version,

@@ -168,7 +168,7 @@ def test_a_live_workers_claim_is_not_taken_over_but_a_dead_ones_is(settings, bun
 def test_decoding_and_heatmap_encoding_overlap_the_forward_passes(settings, bundle, monkeypatch):
     recording = Recording(bundle, delay=0.4)
     decodes, encodes = {}, []
-    real_load, real_png = pipeline.load_grayscale, pipeline.heatmap_png
+    real_load, real_png = pipeline.load_grayscale, pipeline.cam_png
 
     def load(path, **kw):
         t0 = time.monotonic()
@@ -176,18 +176,18 @@ def test_decoding_and_heatmap_encoding_overlap_the_forward_passes(settings, bund
         decodes[path.name] = (t0, time.monotonic(), threading.current_thread().name)
         return img
 
-    def encode(cam, size):
+    def encode(cam):
         # The first pass's encodes wait (up to 10 s) for the second pass to start: a pipeline that held the second
         # pass until they were done would keep them waiting the full time, and none would see it running.
         deadline = time.monotonic() + 10
         while not recording.passes[1:] and recording.current != 2 and time.monotonic() < deadline:
             time.sleep(0.002)
         during_second = recording.current == 2
-        data = real_png(cam, size)
+        data = real_png(cam)
         encodes.append((during_second, time.monotonic(), threading.current_thread().name))
         return data
     monkeypatch.setattr(pipeline, "load_grayscale", load)
-    monkeypatch.setattr(pipeline, "heatmap_png", encode)
+    monkeypatch.setattr(pipeline, "cam_png", encode)
     ids = queue_burst(settings, films(8))
     outcome = process_studies([ids[0]], bundle=recording, settings=settings, worker="w", batch_size=4)
     assert set(outcome.values()) == {"scored"} and len(outcome) == 8

@@ -144,8 +144,9 @@ def test_films_are_scored_end_to_end_on_redis_and_postgres(stack, bundle_dir):
         assert row.error is None and row.scored_at >= row.received_at
         assert row.worker.split(":")[-1].isdigit()
         assert {"decode_ms", "preprocess_ms", "forward_cam_ms", "heatmap_ms"} <= set(row.timings)
+        assert (row.width, row.height) == Image.open(film).size
         with Image.open(stack.settings.data_dir / row.heatmap_path) as heat:
-            assert heat.size == (row.width, row.height) == Image.open(film).size
+            assert heat.size == (7, 7)  # the CAM grid; upsampled when a page shows it
     with session_scope(stack.settings.database_url) as session:
         [cal] = session.scalars(select(Calibration)).all()
     assert (cal.version, cal.active, cal.model_version, cal.params) == ("temperature-test0", True, meta["version"],

@@ -9,6 +9,7 @@ from PIL import Image
 
 from core.films.errors import ImageRejected
 from core.films.imaging import load_grayscale
+from core.ml.gradcam import upsample_cam
 from core.models import Status, Study
 from core.settings import Settings
 
@@ -68,7 +69,8 @@ def _jet(values: np.ndarray) -> np.ndarray:
 
 
 def heatmap_rgba_png(settings: Settings, study: Study) -> bytes:
-    """Colourises the stored 0..1 Grad-CAM map into an RGBA PNG whose opacity rises with attention.
+    """Colourises the stored 0..1 Grad-CAM map, upsampled to the film's heat-map size (core.ml.gradcam), into an
+    RGBA PNG whose opacity rises with attention.
 
     Cold regions become transparent so the film stays readable; the page's slider scales the rest.
     """
@@ -82,6 +84,8 @@ def heatmap_rgba_png(settings: Settings, study: Study) -> bytes:
             if img.width * img.height > settings.max_image_pixels:
                 raise NotServable("heat-map is larger than the pixel limit", status_code=422)
             values = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        if study.width and study.height:
+            values = upsample_cam(values, (study.width, study.height))
     except NotServable:
         raise
     except Exception as exc:  # a damaged heat-map file: say so rather than fail the page with a 500

@@ -57,32 +57,39 @@ def forward_with_cam_embedding(net: nn.Module, x: torch.Tensor) -> tuple[torch.T
     return logits.float(), gradcam_maps(activations, net.classifier.weight), pooled.float()
 
 
-# The stored heat-map's longer side. A Grad-CAM map is 7×7, so a film-sized PNG holds no more detail than this,
+# The heat-map's longer side when shown. A Grad-CAM map is 7×7, so a film-sized map holds no more detail than this,
 # and at a DICOM film's 2,000–3,000 px it cost more CPU than the network's forward pass (about 220 ms a film on a
 # 2-core server) and megabytes per page view. The study page stretches it over the film (same aspect ratio).
 HEATMAP_MAX_SIDE = 512
 
 
 def heatmap_size(size: tuple[int, int], max_side: int = HEATMAP_MAX_SIDE) -> tuple[int, int]:
-    """The (width, height) a heat-map is stored at for a film of `size`: the film's own size, scaled down (never
+    """The (width, height) a heat-map is shown at for a film of `size`: the film's own size, scaled down (never
     up) so that its longer side is at most `max_side`, keeping the aspect ratio."""
     width, height = size
     scale = min(1.0, max_side / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def heatmap_png(cam: np.ndarray | torch.Tensor, size: tuple[int, int], max_side: int = HEATMAP_MAX_SIDE) -> bytes:
-    """Upsamples a 0..1 CAM to the heat-map size for a film of `size` (width, height; see heatmap_size) and
-    encodes it as an 8-bit grayscale PNG."""
-    width, height = heatmap_size(size, max_side)
-    # PIL, not torch: this runs in the pipeline's stage threads beside the network's forward pass, and a torch op
-    # there starts a second OpenMP team on the same cores, and the two teams slow each other down. PIL's
-    # bilinear resize equals F.interpolate(align_corners=False) here to 1e-6.
+def cam_png(cam: np.ndarray | torch.Tensor) -> bytes:
+    """Encodes a 0..1 CAM at its own grid (7×7 at 224 px) as an 8-bit grayscale PNG: what a worker stores.
+
+    The map is upsampled only when a page shows it (upsample_cam). Upsampled here, to up to 512 px, it cost a
+    worker 1.7 ms a film at 300×256 and 4.9 ms at 512 px (Xeon family 6 model 207), a tenth of a burst's CPU per
+    film beside a bf16 forward pass, for a file no reader may open; encoding the grid costs 0.03 ms.
+    """
     cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
-    up = Image.fromarray(cam.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    arr = np.rint(np.clip(np.asarray(up), 0.0, 1.0) * 255).astype(np.uint8)
     buf = io.BytesIO()
-    # zlib level 1, not the default 6: this runs beside the network in a burst, and level 6 took about 2.4x the
-    # CPU (300x256 map 6.6 vs 2.8 ms; 410x512 21 vs 8.7 ms, 2-core EPYC) for files about two thirds the size.
-    Image.fromarray(arr, mode="L").save(buf, format="PNG", compress_level=1)
+    Image.fromarray(np.rint(np.clip(cam, 0.0, 1.0) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def upsample_cam(values: np.ndarray, size: tuple[int, int], max_side: int = HEATMAP_MAX_SIDE) -> np.ndarray:
+    """Upsamples a stored 0..1 map to the heat-map size for a film of `size` (width, height; see heatmap_size),
+    bilinearly; a map already as large (heat-maps stored full-size by earlier versions) is returned as it is."""
+    width, height = heatmap_size(size, max_side)
+    if values.shape[1] >= width or values.shape[0] >= height:
+        return values
+    # PIL's bilinear resize equals F.interpolate(align_corners=False) here to 1e-6, and starts no OpenMP team.
+    up = Image.fromarray(values.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(up), 0.0, 1.0)

@@ -200,11 +200,13 @@ def choose(net: nn.Module, device: torch.device, *, bf16_allowed: bool, forced: 
     return choice
 
 
-def best_batch(net: nn.Module, device: torch.device, mode: str, *, size: int = 224, rounds: int = 2,
+def best_batch(net: nn.Module, device: torch.device, mode: str, *, size: int = 224, rounds: int = 3,
                within: float = 0.02) -> int:
     """Returns the batch size for bursts: the smallest candidate within `within` of the best measured images/s
     (a larger batch that is no faster only adds latency; a lone film is one pass whatever the size). The margin
-    is small because a burst's films/s is the point: on a 2-core AVX2 server batch 4 ran 5% below batch 8.
+    is small because a burst's films/s is the point: on a 2-core AVX2 server batch 4 ran 5% below batch 8, and on a
+    2-core AMX one, in the pool's layout, 20% below (58.7 against 73.4 img/s). Three rounds, not two: the pool's
+    processes probe side by side, and with two, 4 of 14 starts on that AMX machine picked 4 or 16.
     Kept for the life of the process, like the mode."""
     key = (device.type, size, mode)
     if key not in _BATCH_CACHE:

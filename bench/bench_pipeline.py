@@ -30,7 +30,7 @@ from core.migrate import upgrade  # noqa: E402
 from core.ml.threads import gpu_visible, pool_processes  # noqa: E402
 from core.models import Status, Study  # noqa: E402
 
-STAGES = ["decode_ms", "preprocess_ms", "forward_cam_ms", "ood_ms", "heatmap_ms"]
+STAGES = ["decode_ms", "preprocess_ms", "forward_cam_ms", "forward_cpu_ms", "ood_ms", "heatmap_ms"]
 
 
 def source_films(n: int) -> list[Path]:

@@ -205,8 +205,9 @@ def best_batch(net: nn.Module, device: torch.device, mode: str, *, size: int = 2
     """Returns the batch size for bursts: the smallest candidate within `within` of the best measured images/s
     (a larger batch that is no faster only adds latency; a lone film is one pass whatever the size). The margin
     is small because a burst's films/s is the point: on a 2-core AVX2 server batch 4 ran 5% below batch 8, and on a
-    2-core AMX one, in the pool's layout, 20% below (58.7 against 73.4 img/s). Three rounds, not two: the pool's
-    processes probe side by side, and with two, 4 of 14 starts on that AMX machine picked 4 or 16.
+    2-core AMX one, in the pool's layout, 20% below (58.7 against 73.4 img/s). The pool's processes probe side by
+    side, so a noisy round can tip the choice: on that AMX machine about a quarter of the picks with two rounds were
+    4 or 16 rather than 8, and about a sixth with three (a difference within noise).
     Kept for the life of the process, like the mode."""
     key = (device.type, size, mode)
     if key not in _BATCH_CACHE:

@@ -188,18 +188,16 @@ def exhausted_claims(session: Session, *, study_id: int, max_claims: int) -> Stu
     return study
 
 
-def save_score(session: Session, *, study_id: int, token: str, logit: float, model_version: str, score: float,
-               threshold: float, calibration_version: str, width: int, height: int, heatmap_path: str,
-               timings: dict) -> bool:
-    """Stores a result if the claim is still held; returns False if another claim took over."""
-    return bool(save_scores(session, [dict(study_id=study_id, token=token, logit=logit, model_version=model_version,
-                                           score=score, threshold=threshold, calibration_version=calibration_version,
-                                           width=width, height=height, heatmap_path=heatmap_path, timings=timings)]))
+def save_score(session: Session, **result) -> bool:
+    """Stores one result (save_scores' keys as keywords) if the claim is still held; returns False if another
+    claim took over."""
+    return bool(save_scores(session, [result]))
 
 
 def save_scores(session: Session, results: list[dict]) -> list[int]:
-    """Stores a forward pass's results (each a dict of save_score's keywords) in the caller's transaction, each
-    only if its claim is still held; returns the ids stored. One worklist refresh covers them all."""
+    """Stores a forward pass's results in the caller's transaction, each only if its claim is still held; returns
+    the ids stored. Each result holds study_id, token, logit, model_version, score, threshold,
+    calibration_version, width, height, heatmap_path and timings. One worklist refresh covers them all."""
     stored = []
     for r in results:
         flagged = bool(r["score"] >= r["threshold"])

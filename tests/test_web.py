@@ -303,7 +303,8 @@ def test_film_and_heatmap_are_pngs_of_the_film_size(client, site):
             peak = np.unravel_index(int(np.asarray(grid).argmax()), (7, 7))
         shown = np.asarray(hm)[..., 3]  # opacity rises with attention: it peaks where the grid does
         row, col = np.unravel_index(int(shown.argmax()), shown.shape)
-        assert abs(row / shown.shape[0] - (peak[0] + 0.5) / 7) < 1 / 7 and abs(col / shown.shape[1] - (peak[1] + 0.5) / 7) < 1 / 7
+        assert abs(row / shown.shape[0] - (peak[0] + 0.5) / 7) < 1 / 7
+        assert abs(col / shown.shape[1] - (peak[1] + 0.5) / 7) < 1 / 7
     # Colourising: a known map (a left-to-right ramp) written where the pipeline put the study's map.
     sid = site.scored[0]
     width, height = load_grayscale(site.sources[sid]).size

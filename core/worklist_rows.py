@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from core.models import Status, Study, WorklistCount, WorklistRow
@@ -28,14 +28,6 @@ def key_of(study) -> str:
     if study.study_instance_uid:
         return f"{study.study_instance_uid}|{study.patient_id or ''}"
     return f"#{study.id}"
-
-
-def member_condition(key: str):
-    """SQL condition for the studies of a row key (uses the Study Instance UID index, or the primary key)."""
-    if key.startswith("#"):
-        return Study.id == int(key[1:])
-    uid, _, patient = key.partition("|")
-    return (Study.study_instance_uid == uid) & (func.coalesce(Study.patient_id, "") == patient)
 
 
 def _aggregate(section: str, key: str, members: list) -> dict:
@@ -69,8 +61,27 @@ def _bump(session: Session, deltas: dict[str, int]) -> None:
                             .values(rows=WorklistCount.rows + delta))
 
 
+def _members_by_key(session: Session, keys: list[str]) -> dict[str, list]:
+    """Reads the scored studies of every key in one query; returns {key: members}: for `#<id>` that study, for
+    `<uid>|<patient>` the studies of that Study Instance UID and PatientID (a UID shared by two patients is two rows)."""
+    ids = [int(k[1:]) for k in keys if k.startswith("#")]
+    uids = sorted({k.partition("|")[0] for k in keys if not k.startswith("#")})
+    found = session.execute(select(*_MEMBER_COLUMNS).where(
+        or_(Study.id.in_(ids), Study.study_instance_uid.in_(uids)), Study.status == Status.SCORED)).all()
+    out: dict[str, list] = {k: [] for k in keys}
+    for m in found:
+        for key in (f"#{m.id}", f"{m.study_instance_uid}|{m.patient_id or ''}" if m.study_instance_uid is not None
+                    else None):
+            if key in out:
+                out[key].append(m)
+    return out
+
+
 def refresh_keys(session: Session, *, keys: Iterable[str]) -> None:
-    """Recomputes the unread/read rows of the given row keys from their scored studies."""
+    """Recomputes the unread/read rows of the given row keys from their scored studies.
+
+    Two reads cover all the keys (their members, their rows): a forward pass stores a batch of films at once, and a
+    read per key cost a pool process as much of its CPU as decoding the films (measured on a 2-core server)."""
     keys = sorted(set(keys))  # a fixed lock order, so two transactions never wait on each other in a cycle
     if not keys:
         return
@@ -82,11 +93,12 @@ def refresh_keys(session: Session, *, keys: Iterable[str]) -> None:
         for key in keys:
             session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 9))"), {"k": key})
     deltas = {name: 0 for name in GROUPED_SECTIONS}
+    members_of = _members_by_key(session, keys)
+    existing_of: dict[str, dict] = {k: {} for k in keys}
+    for row in session.scalars(select(WorklistRow).where(WorklistRow.group_key.in_(keys))):
+        existing_of[row.group_key][row.section] = row
     for key in keys:
-        members = session.execute(select(*_MEMBER_COLUMNS).where(member_condition(key),
-                                                                 Study.status == Status.SCORED)).all()
-        wanted = _rows_of(members)
-        existing = {r.section: r for r in session.scalars(select(WorklistRow).where(WorklistRow.group_key == key))}
+        wanted, existing = _rows_of(members_of[key]), existing_of[key]
         for section in GROUPED_SECTIONS:
             values, row = wanted.get((section, key)), existing.get(section)
             if values is None and row is not None:

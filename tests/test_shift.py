@@ -13,7 +13,7 @@ from PIL import Image
 from cli import main
 from core.films.imaging import load_grayscale
 from core.ml.bundle import weights_sha256
-from core.ml.preprocess import preprocess, resize_gray
+from core.ml.preprocess import normalize, preprocess, resize_gray
 from tests.conftest import fixture_images, make_bundle
 from training import augment, shift
 from training.selection import EpochScore, best_of, is_better, should_stop
@@ -151,6 +151,18 @@ def test_training_batches_are_the_service_preprocessing():
     films = [load_grayscale(p) for p in fixture_images()]
     cache = np.stack([resize_gray(f) for f in films])
     assert torch.equal(make_batch(cache, slice(0, len(films)), 224), preprocess(films))
+
+
+def test_normalisation_golden_values_and_layout():
+    grey = torch.tensor([[[0, 255], [128, 64]]], dtype=torch.uint8)  # [1,2,2]
+    x = normalize(grey)
+    assert x.shape == (1, 3, 2, 2) and x.is_contiguous(memory_format=torch.channels_last)
+    # (g/255 − mean)/std per ImageNet channel: black, white and mid-grey, to float32 rounding.
+    assert x[0, :, 0, 0].tolist() == pytest.approx([-2.117904, -2.035714, -1.804444], abs=1e-6)
+    assert x[0, :, 0, 1].tolist() == pytest.approx([2.248908, 2.428571, 2.64], abs=1e-6)
+    assert x[0, 0, 1, 0].item() == pytest.approx((128 / 255 - 0.485) / 0.229, abs=1e-6)
+    # Float input in 0..1 [N,1,H,W] (training's augmented batches) gives the same numbers.
+    assert torch.equal(normalize(grey.unsqueeze(1).float().div_(255.0)), x)
 
 
 def test_augmentation_pieces_are_seeded_bounded_and_switchable():

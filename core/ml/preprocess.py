@@ -21,16 +21,17 @@ def resize_gray(img: Image.Image, size: int = INPUT_SIZE) -> np.ndarray:
 
 def normalize(batch: torch.Tensor | np.ndarray | Sequence[np.ndarray],
               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """Turns uint8 grayscale [N,H,W] (or float in 0..1 [N,1,H,W]) into a normalised [N,3,H,W] float tensor."""
+    """Turns uint8 grayscale [N,H,W] (or float in 0..1 [N,1,H,W]) into a normalised [N,3,H,W] float tensor
+    (channels_last, the layout the network runs in)."""
     if not isinstance(batch, torch.Tensor):
         batch = torch.from_numpy(np.stack(list(batch)) if not isinstance(batch, np.ndarray) else batch)
     x = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    x = x.expand(-1, 3, -1, -1)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+    x = x.unsqueeze(-1) if x.dim() == 3 else x.permute(0, 2, 3, 1)  # [N,H,W,1 or 3]
+    # (x − m)/s as x·(1/s) − m/s in one pass that writes [N,H,W,3], which is channels_last already: half the CPU
+    # of normalising three expanded channels and then copying them into that layout.
+    scale = torch.tensor([1.0 / v for v in std]).view(1, 1, 1, 3)
+    shift = torch.tensor([-m / v for m, v in zip(mean, std)]).view(1, 1, 1, 3)
+    return torch.addcmul(shift, x, scale).permute(0, 3, 1, 2)
 
 
 def preprocess(images: Sequence[Image.Image], size: int = INPUT_SIZE) -> torch.Tensor:

@@ -12,6 +12,7 @@ Prints, for the bundle (default: the shipped one):
    right after it (the machine's speed drifts).
 
     python bench/speed.py [--burst 200] [--idle 20] [--postgres URL --redis URL] [--model DIR] [--device cuda]
+                          [--precision fp32]
 
 It asserts nothing: targets are judged by reading the figures.
 """
@@ -155,6 +156,9 @@ def main() -> None:
     ap.add_argument("--idle", type=int, default=20, help="films dropped one at a time (0 skips it)")
     ap.add_argument("--postgres", help="base URL of a Postgres server (a scratch database is created)")
     ap.add_argument("--redis", help="Redis URL for the Postgres + Redis stack")
+    ap.add_argument("--precision", default="auto",
+                    help="force the service's mode (fp32, bf16, …; as CHESTAID_PRECISION), e.g. fp32 on a bf16 CPU to "
+                         "see the figures of a CPU where fp32 is the fastest mode; default: the service's own pick")
     ap.add_argument("--one-process", nargs=6, help=argparse.SUPPRESS)  # internal: one process of pool_limit
     args = ap.parse_args()
     if args.one_process:
@@ -172,7 +176,7 @@ def main() -> None:
     print("mode   " + "".join(f"{b:>9d}" for b in next(iter(table.values()))))
     for mode, row in table.items():
         print(f"{mode:6s} " + "".join(f"{v:9.2f}" for v in row.values()))
-    chosen = load_bundle(args.model, device=args.device).choice
+    chosen = load_bundle(args.model, device=args.device, mode=args.precision).choice
     best_batch = max(table[chosen.mode], key=table[chosen.mode].get)
     limit = table[chosen.mode][best_batch]
     print(f"service picks: {chosen.label} ({chosen.reason})")
@@ -194,10 +198,10 @@ def main() -> None:
             for kind, n, one in (("burst", args.burst, False), ("idle (one film at a time)", args.idle, True)):
                 if not n:
                     continue
-                env, drop = {}, None
+                env, drop = ({} if args.precision == "auto" else {"CHESTAID_PRECISION": args.precision}), None
                 if redis:  # a fresh database for each run, so rows of one run never mix with the next
                     url, drop = bp.fresh_postgres(args.postgres)
-                    env = {"CHESTAID_DATABASE_URL": url, "CHESTAID_BROKER_URL": redis}
+                    env.update(CHESTAID_DATABASE_URL=url, CHESTAID_BROKER_URL=redis)
                 try:
                     r = bp.run(f"{label}: {kind}", n, env, args.model, 0, one_at_a_time=one)
                 finally:

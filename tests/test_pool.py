@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from core.db import get_engine, session_scope
+from core.ml import precision
 from core.ml.threads import MAX_PROCESSES, gpu_visible, pool_processes, threads_per_process
 from core.models import WorkerHeartbeat
 from core.settings import Settings
@@ -41,14 +42,17 @@ def test_the_gpu_check_leaves_cuda_uninitialised_for_the_forked_pool():
 
 
 @pytest.mark.services
-def test_the_worker_command_runs_one_process_per_core_each_with_its_threads(tmp_path, bundle_dir):
+@pytest.mark.parametrize("batch", ["2", "0"])
+def test_the_worker_command_runs_one_process_per_core_each_with_its_threads(tmp_path, bundle_dir, batch):
+    """With CHESTAID_SCORE_BATCH_SIZE every process runs that batch; with 0 (measure) the pool's processes agree
+    on one batch from all their probes (worker.pool_batch)."""
     settings = Settings(data_dir=tmp_path / "var", inbox=tmp_path / "inbox", model_dir=bundle_dir)
     settings.ensure_dirs()
     from core.migrate import upgrade
     upgrade(settings.database_url)
     cuda = gpu_visible()
     expected = pool_processes(cuda=cuda)
-    env = clean_env(CHESTAID_MODEL_DIR=str(bundle_dir), CHESTAID_PRECISION="fp32", CHESTAID_SCORE_BATCH_SIZE="2",
+    env = clean_env(CHESTAID_MODEL_DIR=str(bundle_dir), CHESTAID_PRECISION="fp32", CHESTAID_SCORE_BATCH_SIZE=batch,
                     CHESTAID_WORKER_HEARTBEAT_SECONDS="1")
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
@@ -65,8 +69,16 @@ def test_the_worker_command_runs_one_process_per_core_each_with_its_threads(tmp_
         assert len(rows) == expected  # one per pool process: each loaded the model
         assert len({r.name for r in rows}) == expected
         share = "" if cuda else f", {threads_per_process(expected)} thread"  # a GPU worker names no CPU threads
-        assert all(r.device.startswith("cuda fp32" if cuda else "cpu fp32") and share in r.device and
-                   r.device.endswith(", batch 2") for r in rows), [r.device for r in rows]
+        assert all(r.device.startswith("cuda fp32" if cuda else "cpu fp32") and share in r.device
+                   for r in rows), [r.device for r in rows]
+        batches = {r.device.rpartition(", batch ")[2] for r in rows}
+        if batch != "0":
+            assert batches == {batch}
+        else:
+            candidates = {str(b) for b in precision.BATCH_CANDIDATES["cuda" if cuda else "cpu"]}
+            assert len(batches) == 1 and batches <= candidates, [r.device for r in rows]
+            if expected > 1:
+                assert f"for the pool's {expected} process(es), from {expected} probe(s)" in log_path.read_text()
     finally:
         proc.terminate()
         try:

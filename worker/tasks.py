@@ -20,6 +20,7 @@ from core.ml.bundle import META_FILE, Bundle, load_bundle
 from core.pipeline import process_studies
 from core.settings import Settings, get_settings
 from worker.app import SCORE_BATCH, SCORE_STUDY, celery_app
+from worker.pool_batch import PoolBatch
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,7 @@ class _Model:
         """Loads the bundle in the configured (or measured) precision and sizes bursts for this device."""
         try:
             bundle = load_bundle(settings.model_dir, mode=settings.precision)
-            self.batch_size = settings.score_batch_size or precision.best_batch(
-                bundle.net, bundle.device, bundle.mode, size=bundle.input_size)
+            self.batch_size = settings.score_batch_size or _burst_batch(bundle)
         except Exception as exc:
             message = (f"no usable model bundle at {settings.model_dir} ({exc}); studies stay queued "
                        "and are re-enqueued once a bundle exists (set CHESTAID_MODEL_DIR)")
@@ -112,12 +112,26 @@ def _heartbeat_loop(settings: Settings, bundle: Bundle) -> None:
         time.sleep(settings.worker_heartbeat_seconds)
 
 
-POOL = {"processes": 1}  # the size of this worker's pool, recorded in the parent before it forks
+# The size of this worker's pool and, for a pool of several processes, their shared batch agreement; both made
+# in the parent before it forks.
+POOL: dict = {"processes": 1, "batch": None}
 
 
 @worker_init.connect
 def _remember_pool_size(sender=None, **_) -> None:
     POOL["processes"] = int(getattr(sender, "concurrency", None) or 1)
+    if POOL["processes"] > 1:
+        candidates = [b for sizes in precision.BATCH_CANDIDATES.values() for b in sizes]
+        POOL["batch"] = PoolBatch(POOL["processes"], candidates)
+
+
+def _burst_batch(bundle: Bundle) -> int:
+    """The burst batch size: agreed by the pool's processes from all their probes, or this process's own."""
+    agreement: PoolBatch | None = POOL["batch"]
+    if agreement is None:
+        return precision.best_batch(bundle.net, bundle.device, bundle.mode, size=bundle.input_size)
+    return agreement.agree(lambda: precision.batch_figures(bundle.net, bundle.device, bundle.mode,
+                                                           size=bundle.input_size), precision.pick_batch)
 
 
 @worker_process_init.connect

@@ -200,21 +200,33 @@ def choose(net: nn.Module, device: torch.device, *, bf16_allowed: bool, forced: 
     return choice
 
 
+def batch_figures(net: nn.Module, device: torch.device, mode: str, *, size: int = 224,
+                  rounds: int = 3) -> dict[int, float]:
+    """Images/s of forward+CAM in `mode` at each burst batch candidate of this device (a timed probe)."""
+    measured = _probe(net, device, [(mode, b) for b in BATCH_CANDIDATES[device.type]], size, rounds)
+    prepare(net, device, mode)
+    return {b: v for (_, b), v in measured.items()}
+
+
+def pick_batch(ips: dict[int, float], within: float = 0.02) -> int:
+    """The smallest batch within `within` of the best images/s (a larger batch that is no faster only adds
+    latency; a lone film is one pass whatever the size)."""
+    top = max(ips.values())
+    return min(b for b, v in ips.items() if v >= (1 - within) * top)
+
+
 def best_batch(net: nn.Module, device: torch.device, mode: str, *, size: int = 224, rounds: int = 3,
                within: float = 0.02) -> int:
-    """Returns the batch size for bursts: the smallest candidate within `within` of the best measured images/s
-    (a larger batch that is no faster only adds latency; a lone film is one pass whatever the size). The margin
-    is small because a burst's films/s is the point: on a 2-core AVX2 server batch 4 ran 5% below batch 8, and on a
-    2-core AMX one, in the pool's layout, 20% below (58.7 against 73.4 img/s). The pool's processes probe side by
-    side, so a noisy round can tip the choice: on that AMX machine about a quarter of the picks with two rounds were
-    4 or 16 rather than 8, and about a sixth with three (a difference within noise).
+    """Returns the batch size for bursts from this process's own probe (pick_batch). The margin is small because
+    a burst's films/s is the point: on a 2-core AVX2 server batch 4 ran 5% below batch 8, and on a 2-core AMX one,
+    in the pool's layout, 20% below (58.7 against 73.4 img/s). A worker's pool processes agree on one batch from
+    all their probes instead (worker.pool_batch): probed side by side, a noisy round could tip one process to 16
+    and the other to 4, and the burst then ended with one core idle while the other ran its last large passes.
     Kept for the life of the process, like the mode."""
     key = (device.type, size, mode)
     if key not in _BATCH_CACHE:
-        measured = _probe(net, device, [(mode, b) for b in BATCH_CANDIDATES[device.type]], size, rounds)
-        ips = {b: v for (_, b), v in measured.items()}
-        top = max(ips.values())
-        _BATCH_CACHE[key] = min(b for b, v in ips.items() if v >= (1 - within) * top)
+        ips = batch_figures(net, device, mode, size=size, rounds=rounds)
+        _BATCH_CACHE[key] = pick_batch(ips, within)
         log.info("burst batch size %d on %s %s (%s img/s)", _BATCH_CACHE[key], device.type, mode,
                  ", ".join(f"{b}: {v:.1f}" for b, v in ips.items()))
     prepare(net, device, mode)

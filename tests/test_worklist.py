@@ -30,6 +30,27 @@ def add_scored(session, name: str, *, score: float, minutes_ago: float, threshol
     return study.id
 
 
+def test_a_pass_stores_its_films_and_the_callers_objects_read_the_stored_values(db_url):
+    with session_scope(db_url) as s:
+        studies = [repo.create_study(s, source_name=f"pass-{i}", sha256=uuid.uuid4().hex * 2, size_bytes=10,
+                                     stored_path=f"archive/pass-{i}") for i in range(3)]
+        tokens = [repo.claim_study(s, study_id=st.id, worker="w1") for st in studies]
+        results = [dict(study_id=st.id, token=tok, logit=0.5 * i, model_version="m1", score=0.3 * i, threshold=0.5,
+                        calibration_version="c1", width=100 + i, height=90, heatmap_path=f"heatmaps/{st.id}.png",
+                        timings={"batch_size": 3}) for i, (st, tok) in enumerate(zip(studies, tokens))]
+        results[1]["token"] = "not-the-claim"  # a claim lost meanwhile (another worker took the study over)
+        assert repo.save_scores(s, results) == [studies[0].id, studies[2].id]
+    # The session is closed: the objects hold what was stored, as an ORM update would have left them.
+    assert [st.status for st in studies] == ["scored", "processing", "scored"]
+    assert (studies[2].score, studies[2].flagged, studies[2].scored_flagged, studies[2].width) == (0.6, True, True, 102)
+    assert studies[0].timings == {"batch_size": 3} and studies[0].heatmap_path == f"heatmaps/{studies[0].id}.png"
+    with session_scope(db_url) as s:
+        rows = {r.lead_id: r for r in s.scalars(select(WorklistRow))}
+        assert set(rows) == {studies[0].id, studies[2].id}  # onto the worklist with one refresh for the pass
+        assert rows[studies[2].id].flagged and rows[studies[2].id].neg_score == pytest.approx(-0.6)
+        assert s.get(Study, studies[1].id).status == "processing"
+
+
 def names(entries) -> list[str]:
     return [e.study.source_name for e in entries]
 

@@ -131,6 +131,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
             first, last = span[name]
             print(f"in forward       {name.rsplit(':', 1)[-1]:>8s}: {busy:.1f} s of {wall:.1f} s ({busy / wall:.0%}); "
                   f"first claim at {first:.1f} s, last result at {last:.1f} s")
+        _print_ramp(rows, dropped)
         return {"throughput": len(latencies) / wall if wall > 0 else 0.0,
                 "p50": statistics.median(latencies) if latencies else None,
                 "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None}
@@ -192,6 +193,21 @@ def _wait_for_worker(db_url: str, processes: int, timeout: float = 300) -> list[
             pass
         time.sleep(0.5)
     raise SystemExit("no worker came up with a model (is the bundle present?)")
+
+
+def _print_ramp(rows: list[Study], dropped: dict[str, float]) -> None:
+    """Where the first films' time went, from the drop (median of the first 8 scored): the ramp before the pool's
+    first pass is CPU the network cannot use."""
+    first = sorted((r for r in rows if r.scored_at and r.source_name in dropped),
+                   key=lambda r: dropped[r.source_name])[:8]
+    if not first or any(r.enqueued_at is None or r.started_at is None for r in first):
+        return
+    steps = [("stable+ingested", lambda r: r.received_at.timestamp() - dropped[r.source_name]),
+             ("sent", lambda r: r.enqueued_at.timestamp() - r.received_at.timestamp()),
+             ("claimed", lambda r: r.started_at.timestamp() - r.enqueued_at.timestamp()),
+             ("scored", lambda r: r.scored_at.timestamp() - r.started_at.timestamp())]
+    print("ramp, first 8    " + ", ".join(f"{name} +{1000 * statistics.median(f(r) for r in first):.0f} ms"
+                                          for name, f in steps))
 
 
 def _wait_for_scored(db_url: str, n: int, timeout: float) -> list[Study]:

@@ -63,7 +63,8 @@ def _bump(session: Session, deltas: dict[str, int]) -> None:
 
 def _members_by_key(session: Session, keys: list[str]) -> dict[str, list]:
     """Reads the scored studies of every key in one query; returns {key: members}: for `#<id>` that study, for
-    `<uid>|<patient>` the studies of that Study Instance UID and PatientID (a UID shared by two patients is two rows)."""
+    `<uid>|<patient>` the studies of that Study Instance UID and PatientID (a UID shared by two patients is two
+    rows)."""
     ids = [int(k[1:]) for k in keys if k.startswith("#")]
     uids = sorted({k.partition("|")[0] for k in keys if not k.startswith("#")})
     found = session.execute(select(*_MEMBER_COLUMNS).where(

@@ -78,7 +78,8 @@ def test_the_worker_command_runs_one_process_per_core_each_with_its_threads(tmp_
             candidates = {str(b) for b in precision.BATCH_CANDIDATES["cuda" if cuda else "cpu"]}
             assert len(batches) == 1 and batches <= candidates, [r.device for r in rows]
             if expected > 1:
-                assert f"for the pool's {expected} process(es), from {expected} probe(s)" in log_path.read_text()
+                # Decided once for the pool (from both probes when they overlapped, as they do at start).
+                assert log_path.read_text().count(f"for the pool's {expected} process(es), from ") == 1
     finally:
         proc.terminate()
         try:

@@ -202,9 +202,9 @@ def choose(net: nn.Module, device: torch.device, *, bf16_allowed: bool, forced: 
 
 def batch_figures(net: nn.Module, device: torch.device, mode: str, *, size: int = 224,
                   rounds: int = 3) -> dict[int, float]:
-    """Images/s of forward+CAM in `mode` at each burst batch candidate of this device (a timed probe)."""
+    """Images/s of forward+CAM in `mode` at each burst batch candidate of this device (a timed probe; every arm is
+    in `mode`, so the network is left prepared for it)."""
     measured = _probe(net, device, [(mode, b) for b in BATCH_CANDIDATES[device.type]], size, rounds)
-    prepare(net, device, mode)
     return {b: v for (_, b), v in measured.items()}
 
 

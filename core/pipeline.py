@@ -191,10 +191,9 @@ def _take_companions(session, *, worker: str, limit: int, exclude: list[int]) ->
 
 def _describe(session, claimed: list[Claimed]) -> None:
     """Fills in each claimed study's stored file, name and guard override from its row."""
-    rows = {s.id: s for s in repo.studies_by_id(session, study_ids=[c.study_id for c in claimed])} if claimed else {}
+    details = repo.claim_details(session, study_ids=[c.study_id for c in claimed])
     for c in claimed:
-        study = rows[c.study_id]
-        c.stored_path, c.source_name, c.override_by = study.stored_path, study.source_name, study.guard_override_by
+        c.stored_path, c.source_name, c.override_by = details[c.study_id]
 
 
 def _load(c: Claimed, settings: Settings) -> tuple[object, float, str | None]:

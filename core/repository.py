@@ -107,11 +107,6 @@ def get_study(session: Session, *, study_id: int) -> Study | None:
     return session.get(Study, study_id)
 
 
-def studies_by_id(session: Session, *, study_ids: list[int]) -> list[Study]:
-    """Returns the studies with these ids, in one query."""
-    return list(session.scalars(select(Study).where(Study.id.in_(study_ids))))
-
-
 def mark_enqueued(session: Session, *, study_ids: list[int]) -> None:
     """Records that a scoring task was sent for the studies (one message may name several)."""
     session.execute(update(Study).where(Study.id.in_(study_ids))
@@ -136,35 +131,67 @@ def claim_study(session: Session, *, study_id: int, worker: str, max_claims: int
     return token if result.rowcount == 1 else None
 
 
+# A burst claims companions on every pass: its statements are built once. Building them per call (an ORM update per
+# study, with its own cache key and session sync) cost a pool process about 2.5 ms of CPU per film on a 2-core
+# server, as much as the rest of the pass's database work.
+_STUDIES = Study.__table__
+_CANDIDATES = (select(_STUDIES.c.id)
+               .where(_STUDIES.c.status == Status.QUEUED, _STUDIES.c.claim_count == 0,
+                      _STUDIES.c.id.not_in(bindparam("b_exclude", expanding=True)))
+               .order_by(_STUDIES.c.id).limit(bindparam("b_limit")).with_for_update(skip_locked=True))
+_TAKE = (update(_STUDIES)
+         .where(_STUDIES.c.id == bindparam("b_id"), _STUDIES.c.status == Status.QUEUED, _STUDIES.c.claim_count == 0)
+         .values(status=Status.PROCESSING, claim_token=bindparam("b_token"), started_at=bindparam("b_now"),
+                 worker=bindparam("b_worker"), claim_count=1))
+_FRESH_QUEUED = select(func.count()).select_from(_STUDIES).where(_STUDIES.c.status == Status.QUEUED,
+                                                                  _STUDIES.c.claim_count == 0)
+_CLAIM_DETAILS = select(_STUDIES.c.id, _STUDIES.c.stored_path, _STUDIES.c.source_name,
+                        _STUDIES.c.guard_override_by).where(_STUDIES.c.id.in_(bindparam("b_ids", expanding=True)))
+
+
 def claim_companions(session: Session, *, worker: str, limit: int, exclude: list[int]) -> list[tuple[int, str]]:
     """Claims up to `limit` more queued studies, oldest first, to score in the same forward pass as a
     delivered one (a burst fills a batch instead of waiting for one task per study); returns (id, token) pairs.
 
     Only fresh studies are taken (never claimed before: a film that may have killed a worker is scored on its
-    own). Each is taken by a conditional UPDATE on status 'queued', so two workers never win the same study;
-    on Postgres the candidates are read FOR UPDATE SKIP LOCKED so concurrent workers pick disjoint ones.
-    Their own messages arrive later and find them finished (or held by a live worker) and skip.
+    own). Each is taken by an UPDATE conditional on status 'queued' and no earlier claim, so two workers never win
+    the same study; on Postgres the candidates are read FOR UPDATE SKIP LOCKED so concurrent workers pick disjoint
+    ones. Their own messages arrive later and find them finished (or held by a live worker) and skip.
     """
     if limit <= 0:
         return []
-    candidates = session.scalars(
-        select(Study.id).where(Study.status == Status.QUEUED, Study.claim_count == 0, Study.id.not_in(exclude))
-        .order_by(Study.id).limit(limit).with_for_update(skip_locked=True)).all()
-    taken = []
+    candidates = session.scalars(_CANDIDATES, {"b_exclude": list(exclude), "b_limit": limit}).all()
+    taken, now = [], utcnow()
     for sid in candidates:
-        token = str(uuid.uuid4())
-        won = session.execute(update(Study).where(Study.id == sid, Study.status == Status.QUEUED).values(
-            status=Status.PROCESSING, claim_token=token, started_at=utcnow(), worker=worker,
-            claim_count=Study.claim_count + 1)).rowcount == 1
-        if won:
-            taken.append((sid, token))
+        values = {"status": Status.PROCESSING, "claim_token": str(uuid.uuid4()), "started_at": now,
+                  "worker": worker, "claim_count": 1}
+        if session.execute(_TAKE, {"b_id": sid, "b_token": values["claim_token"], "b_now": now,
+                                   "b_worker": worker}).rowcount == 1:
+            taken.append((sid, values["claim_token"]))
+            _sync_loaded(session, sid, values)
     return taken
+
+
+def _sync_loaded(session: Session, study_id: int, values: dict) -> None:
+    """Gives a study object loaded in this session the values a table-level UPDATE just stored (as an ORM update
+    does), so the caller reads them, even once its session is closed."""
+    if (loaded := session.identity_map.get(identity_key(Study, study_id))) is not None:
+        for name, value in values.items():
+            set_committed_value(loaded, name, value)
 
 
 def fresh_queued_count(session: Session) -> int:
     """How many queued studies were never claimed: what a burst still holds for companion claims."""
-    return session.scalar(select(func.count()).select_from(Study).where(
-        Study.status == Status.QUEUED, Study.claim_count == 0)) or 0
+    return session.scalar(_FRESH_QUEUED) or 0
+
+
+def claim_details(session: Session, *, study_ids: list[int]) -> dict[int, tuple[str, str, str | None]]:
+    """Returns {study id: (stored_path, source_name, guard_override_by)}: what scoring a claimed study needs of its
+    row, in one query (not whole objects)."""
+    if not study_ids:
+        return {}
+    return {sid: (path, name, override) for sid, path, name, override
+            in session.execute(_CLAIM_DETAILS, {"b_ids": list(study_ids)})}
 
 
 def release_claims(session: Session, *, worker: str) -> int:
@@ -199,9 +226,9 @@ def save_score(session: Session, **result) -> bool:
 # Stores one result if its claim still holds: built once, so a pass stores its films with one compiled statement
 # (an ORM update per film, with its own cache key and session sync, cost a pool process about a millisecond of
 # CPU per film on a 2-core server). The SET clause is the columns of the parameters given (_stored_values).
-_STORE = (update(Study.__table__)
-          .where(Study.__table__.c.id == bindparam("b_id"), Study.__table__.c.claim_token == bindparam("b_token"),
-                 Study.__table__.c.status == Status.PROCESSING))
+_STORE = (update(_STUDIES)
+          .where(_STUDIES.c.id == bindparam("b_id"), _STUDIES.c.claim_token == bindparam("b_token"),
+                 _STUDIES.c.status == Status.PROCESSING))
 
 
 def _stored_values(r: dict, now: dt.datetime) -> dict:
@@ -225,11 +252,7 @@ def save_scores(session: Session, results: list[dict]) -> list[int]:
         values = _stored_values(r, now)
         if session.execute(_STORE, {"b_id": r["study_id"], "b_token": r["token"], **values}).rowcount == 1:
             stored.append(r["study_id"])
-            # A table-level UPDATE leaves the session's loaded objects as they were: give them the stored values
-            # (as an ORM update does), so a caller's object reads them even once its session is closed.
-            if (loaded := session.identity_map.get(identity_key(Study, r["study_id"]))) is not None:
-                for name, value in values.items():
-                    set_committed_value(loaded, name, value)
+            _sync_loaded(session, r["study_id"], values)
     if stored:
         worklist_rows.refresh(session, study_ids=stored)  # they are unread now: onto the worklist
     return stored

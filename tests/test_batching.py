@@ -235,3 +235,23 @@ def test_an_orderly_failure_gives_back_the_companions_claims_too(settings, bundl
     with session_scope(settings.database_url) as s:
         rows = [s.get(Study, sid) for sid in ids]
         assert [(r.status, r.claim_count) for r in rows] == [(Status.QUEUED, 0)] * 3 + [(Status.PROCESSING, 1)]
+
+
+def test_companion_claims_take_fresh_studies_oldest_first_and_loaded_objects_read_the_claim(settings):
+    ids = queue_burst(settings, films(5))
+    with session_scope(settings.database_url) as s:
+        s.get(Study, ids[4]).claim_count = 1  # claimed before and given back: never a companion
+        s.flush()
+        loaded = [s.get(Study, sid) for sid in ids]
+        taken = repo.claim_companions(s, worker="w:1", limit=3, exclude=[ids[0]])
+        details = repo.claim_details(s, study_ids=[sid for sid, _ in taken])
+    assert [sid for sid, _ in taken] == ids[1:4]
+    # The session is closed: its objects hold the claim, as an ORM update would have left them.
+    assert [(st.status, st.claim_token, st.worker, st.claim_count) for st in loaded[1:4]] == [
+        (Status.PROCESSING, token, "w:1", 1) for _, token in taken]
+    assert (loaded[0].status, loaded[4].status) == (Status.QUEUED, Status.QUEUED)
+    assert details == {st.id: (st.stored_path, "film%02d.png" % i, None) for i, st in enumerate(loaded) if 1 <= i <= 3}
+    with session_scope(settings.database_url) as s:
+        assert repo.fresh_queued_count(s) == 1  # ids[0]; ids[4] was claimed once
+        assert repo.claim_companions(s, worker="w:2", limit=4, exclude=[]) == [(ids[0], s.get(Study, ids[0]).claim_token)]
+        assert repo.claim_companions(s, worker="w:2", limit=4, exclude=[]) == []

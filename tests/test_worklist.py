@@ -12,7 +12,7 @@ from core import repository as repo
 from core import worklist as wl
 from core.cursor import BadCursor
 from core.db import session_scope
-from core.models import Study, WorklistRow
+from core.models import Study, WorklistCount, WorklistRow
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 MAX_WAIT = 60  # minutes
@@ -39,7 +39,10 @@ def test_a_pass_stores_its_films_and_the_callers_objects_read_the_stored_values(
                         calibration_version="c1", width=100 + i, height=90, heatmap_path=f"heatmaps/{st.id}.png",
                         timings={"batch_size": 3}) for i, (st, tok) in enumerate(zip(studies, tokens))]
         results[1]["token"] = "not-the-claim"  # a claim lost meanwhile (another worker took the study over)
+        count = s.get(WorklistCount, "unread")
+        before = count.rows
         assert repo.save_scores(s, results) == [studies[0].id, studies[2].id]
+    assert count.rows == before + 2  # a count loaded in the session moves with the table
     # The session is closed: the objects hold what was stored, as an ORM update would have left them.
     assert [st.status for st in studies] == ["scored", "processing", "scored"]
     assert (studies[2].score, studies[2].flagged, studies[2].scored_flagged, studies[2].width) == (0.6, True, True, 102)
@@ -49,6 +52,7 @@ def test_a_pass_stores_its_films_and_the_callers_objects_read_the_stored_values(
         assert set(rows) == {studies[0].id, studies[2].id}  # onto the worklist with one refresh for the pass
         assert rows[studies[2].id].flagged and rows[studies[2].id].neg_score == pytest.approx(-0.6)
         assert s.get(Study, studies[1].id).status == "processing"
+        assert s.get(WorklistCount, "unread").rows == before + 2
 
 
 def names(entries) -> list[str]:

@@ -132,7 +132,7 @@ def claim_study(session: Session, *, study_id: int, worker: str, max_claims: int
 
 
 # A burst claims companions on every pass: its statements are built once. Building them per call (an ORM update per
-# study, with its own cache key and session sync) cost a pool process about 2.5 ms of CPU per film on a 2-core
+# study, with its own cache key and session sync) cost a pool process about 2.4 ms of CPU per film on a 2-core
 # server, as much as the rest of the pass's database work.
 _STUDIES = Study.__table__
 _CANDIDATES = (select(_STUDIES.c.id)

@@ -28,7 +28,8 @@ _MEMBER_COLUMNS = (Study.id, Study.study_instance_uid, Study.patient_id, Study.s
 _KEYS_OF = select(Study.id, Study.study_instance_uid, Study.patient_id).where(
     Study.id.in_(bindparam("b_ids", expanding=True)))
 _MEMBERS = select(*_MEMBER_COLUMNS).where(
-    or_(Study.id.in_(bindparam("b_ids", expanding=True)), Study.study_instance_uid.in_(bindparam("b_uids", expanding=True))),
+    or_(Study.id.in_(bindparam("b_ids", expanding=True)),
+        Study.study_instance_uid.in_(bindparam("b_uids", expanding=True))),
     Study.status == Status.SCORED)
 _EXISTING = select(WorklistRow).where(WorklistRow.group_key.in_(bindparam("b_keys", expanding=True)))
 _INSERT = insert(WorklistRow.__table__)

@@ -220,6 +220,9 @@ def test_worklist_study_sliders_and_feedback_in_chromium(server, browser, monkey
     assert nurse.locator("#accession").inner_text() == ACCESSION
     nurse.wait_for_function("() => document.getElementById('film-image').complete "
                             "&& document.getElementById('film-image').naturalWidth > 0")
+    # The nurse closes her browser: an open study page keeps polling who is reading it, and a poll after the
+    # clock jump below would be refused as well (rightly, but not what this test watches).
+    nurse.context.close()
 
     # An admin sets a new threshold on the calibration page (a form with its CSRF token).
     admin = new_page(browser, problems)
@@ -242,6 +245,7 @@ def test_worklist_study_sliders_and_feedback_in_chromium(server, browser, monkey
     assert "You are signed out." in admin.locator("#notice").inner_text()
     admin.goto(base + "/")
     admin.wait_for_url(base + "/login")
+    admin.context.close()
     # The doctor's read view is still polling: 31 idle minutes later (the server's clock moved, no waiting)
     # its next poll is refused and the page goes to the sign-in page by itself, to come back after.
     monkeypatch.setattr(sessions, "now", lambda: time.time() + 31 * 60)

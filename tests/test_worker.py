@@ -335,7 +335,8 @@ def test_serve_runs_everything_waits_for_a_late_bundle_and_stops_on_ctrl_c(tmp_p
             return predicate()
         return check
     try:
-        wait_for(running(lambda: "Chest-Aid is running" in output()), 60, message=output)
+        # Generous: start-up imports torch and migrates; a loaded 2-core machine once needed more than 60 s.
+        wait_for(running(lambda: "Chest-Aid is running" in output()), 180, message=output)
         assert f"worklist:  http://127.0.0.1:{port}/" in output()
         assert f"inbox:     {tmp_path / 'inbox'}" in output()
         assert f"WARNING: no model bundle at {model_dir}" in output()

@@ -46,13 +46,14 @@ def ingest() -> None:
     import threading
 
     from core.intake.watcher import Ingester
-    from worker.app import make_enqueue, make_enqueue_group
+    from worker.app import make_enqueue, make_enqueue_group, warm_up
 
     setup_logging()
     settings = load_settings()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    warm_up()  # the first film's message then goes out as quickly as the rest
     ingester = Ingester(settings, make_enqueue(), enqueue_group=make_enqueue_group()).start()
     click.echo(f"ingesting films dropped into {settings.inbox}")
     stop.wait()

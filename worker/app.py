@@ -9,6 +9,7 @@ from contextlib import closing
 from pathlib import Path
 
 from celery import Celery
+from kombu.common import maybe_declare
 
 from core.settings import Settings, get_settings
 
@@ -127,6 +128,25 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
 celery_app = create_celery()
 app = celery_app  # the name `celery -A worker.app` looks for
+
+
+def warm_up(app: Celery = celery_app) -> bool:
+    """Readies the ingester's broker connection before the first film, so a burst's first message goes out as
+    fast as the rest; returns whether the broker answered.
+
+    Done lazily, the first send_task imports the transport (the redis client alone took 0.19 s), resolves the
+    (disabled) result backend, connects and declares the queue: measured 0.20 s on the embedded broker and
+    0.26–0.33 s on Redis, against 2–15 ms for later messages, while the burst's first films wait and the pool
+    idles. A broker that is down is only logged: studies stay queued and are sent once it is back."""
+    try:
+        app.backend  # noqa: B018  (resolving it loads its module, as the first send_task would)
+        with app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+            maybe_declare(app.amqp.queues[app.conf.task_default_queue], producer.channel)
+        return True
+    except Exception as exc:
+        log.warning("the broker did not answer at start (%s); studies stay queued and are sent once it does", exc)
+        return False
 
 
 def make_enqueue(app: Celery = celery_app) -> Callable[[int], None]:

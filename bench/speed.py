@@ -9,7 +9,8 @@ Prints, for the bundle (default: the shipped one):
 4. the service end to end (bench/bench_pipeline.py's runner): a burst of films dropped into the inbox, on
    embedded defaults and, with --postgres/--redis, on Postgres + Redis; and the same one film at a time;
 5. the ratios service ÷ limit and service ÷ naive, and, on a CPU, the burst against the pool limit measured again
-   right after it (the machine's speed drifts).
+   right after it and against the mean of the pool limits measured right before and right after it (the
+   machine's speed drifts, both ways, within minutes).
 
     python bench/speed.py [--burst 200] [--idle 20] [--postgres URL --redis URL] [--model DIR] [--device cuda]
                           [--precision fp32]
@@ -199,6 +200,9 @@ def main() -> None:
                 if not n:
                     continue
                 env, drop = ({} if args.precision == "auto" else {"CHESTAID_PRECISION": args.precision}), None
+                before = None
+                if not one and pool_best is not None:  # the machine's speed just before this burst
+                    before = pool_limit(args.model, chosen.mode, processes, batches=(pool_best,))[pool_best]
                 if redis:  # a fresh database for each run, so rows of one run never mix with the next
                     url, drop = bp.fresh_postgres(args.postgres)
                     env.update(CHESTAID_DATABASE_URL=url, CHESTAID_BROKER_URL=redis)
@@ -216,6 +220,10 @@ def main() -> None:
                         again = pool_limit(args.model, chosen.mode, processes, batches=(pool_best,))[pool_best]
                         print(f"RATIO {label} burst against the pool limit re-measured right after it "
                               f"({again:.2f} images/s at batch {pool_best}): {r['throughput'] / again:.2f}")
+                        # Drift goes both ways within a burst: the mean of the two measurements that bracket it.
+                        around = (before + again) / 2
+                        print(f"RATIO {label} burst against the pool limit around it ({before:.2f} before, "
+                              f"{again:.2f} after, mean {around:.2f}): {r['throughput'] / around:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The folder ingester with real watchdog on a temporary inbox, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -117,6 +118,32 @@ def test_file_still_being_written_is_read_only_when_complete(settings):
     assert (study.sha256, study.size_bytes) == (sha(data), len(data))
     assert (settings.data_dir / study.stored_path).read_bytes() == data
     assert enqueue.calls == [study.id]
+
+
+def test_the_watcher_hears_only_the_events_it_acts_on(settings, monkeypatch):
+    """A file written in 20 chunks reaches the handler as its creation and its close: not one event per write,
+    nor a reader's open and close, the folder's own changes or the claim's move out of the inbox."""
+    from core.intake import watcher
+
+    heard = []
+    dispatch = watcher._Handler.dispatch
+
+    def listening(handler, event):
+        heard.append((type(event).__name__, Path(os.fsdecode(event.src_path)).name))
+        dispatch(handler, event)
+    monkeypatch.setattr(watcher._Handler, "dispatch", listening)
+    data = fixture_images()[0].read_bytes()
+    enqueue = Recorder(settings)
+    with Ingester(settings, enqueue):
+        with open(settings.inbox / "chunks.jpeg", "wb") as f:
+            for i in range(20):
+                f.write(data[i * len(data) // 20:(i + 1) * len(data) // 20])
+                f.flush()
+        with contextlib.suppress(FileNotFoundError):  # a reader opens and closes it (unless already claimed)
+            (settings.inbox / "chunks.jpeg").read_bytes()
+        wait_for(lambda: enqueue.calls, 20, message="chunks.jpeg")
+    assert heard == [("FileCreatedEvent", "chunks.jpeg"), ("FileClosedEvent", "chunks.jpeg")]
+    assert [(s.source_name, s.sha256) for s in studies(settings)] == [("chunks.jpeg", sha(data))]
 
 
 def test_byte_identical_duplicate_is_recorded_not_enqueued(settings):

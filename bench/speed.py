@@ -9,8 +9,8 @@ Prints, for the bundle (default: the shipped one):
 4. the service end to end (bench/bench_pipeline.py's runner): a burst of films dropped into the inbox, on
    embedded defaults and, with --postgres/--redis, on Postgres + Redis; and the same one film at a time;
 5. the ratios service ÷ limit and service ÷ naive, and, on a CPU, the burst against the pool limit measured again
-   right after it and against the mean of the pool limits measured right before and right after it (the
-   machine's speed drifts, both ways, within minutes).
+   right after it and against the mean of the pool limits measured before the burst's stack starts and right
+   after it (the machine's speed drifts, both ways, within minutes).
 
     python bench/speed.py [--burst 200] [--idle 20] [--postgres URL --redis URL] [--model DIR] [--device cuda]
                           [--precision fp32]
@@ -201,7 +201,7 @@ def main() -> None:
                     continue
                 env, drop = ({} if args.precision == "auto" else {"CHESTAID_PRECISION": args.precision}), None
                 before = None
-                if not one and pool_best is not None:  # the machine's speed just before this burst
+                if not one and pool_best is not None:  # the machine's speed before this stack starts
                     before = pool_limit(args.model, chosen.mode, processes, batches=(pool_best,))[pool_best]
                 if redis:  # a fresh database for each run, so rows of one run never mix with the next
                     url, drop = bp.fresh_postgres(args.postgres)

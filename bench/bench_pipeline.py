@@ -132,6 +132,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
             print(f"in forward       {name.rsplit(':', 1)[-1]:>8s}: {busy:.1f} s of {wall:.1f} s ({busy / wall:.0%}); "
                   f"first claim at {first:.1f} s, last result at {last:.1f} s")
         _print_ramp(rows, dropped)
+        _print_pace(rows, t_start, max(dropped.values()) - t_start)
         return {"throughput": len(latencies) / wall if wall > 0 else 0.0,
                 "p50": statistics.median(latencies) if latencies else None,
                 "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None}
@@ -208,6 +209,16 @@ def _print_ramp(rows: list[Study], dropped: dict[str, float]) -> None:
              ("scored", lambda r: r.scored_at.timestamp() - r.started_at.timestamp())]
     print("ramp, first 8    " + ", ".join(f"{name} +{1000 * statistics.median(f(r) for r in first):.0f} ms"
                                           for name, f in steps))
+
+
+def _print_pace(rows: list[Study], t_start: float, drop_seconds: float) -> None:
+    """When half and all of the burst had been ingested, claimed and scored, from the drop's start: a stage that
+    finishes late beside the next one is the one that holds the burst back."""
+    def at(stamps: list) -> str:
+        times = sorted(t.timestamp() - t_start for t in stamps if t is not None)
+        return f"{times[len(times) // 2]:.2f} / {times[-1]:.2f} s" if times else "-"
+    print(f"pace, half/all   dropped by {drop_seconds:.2f} s, ingested {at([r.received_at for r in rows])}, "
+          f"claimed {at([r.started_at for r in rows])}, scored {at([r.scored_at for r in rows])}")
 
 
 def _wait_for_scored(db_url: str, n: int, timeout: float) -> list[Study]:

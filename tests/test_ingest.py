@@ -146,6 +146,26 @@ def test_the_watcher_hears_only_the_events_it_acts_on(settings, monkeypatch):
     assert [(s.source_name, s.sha256) for s in studies(settings)] == [("chunks.jpeg", sha(data))]
 
 
+def test_a_claim_moving_a_film_out_does_not_hold_back_the_next_film(settings, monkeypatch):
+    """Each claim renames a film out of the inbox. watchdog holds an unpaired IN_MOVED_FROM at the head of its
+    queue, waiting for its IN_MOVED_TO, and every later event waits behind it (0.5 s in watchdog; 60 s here, so
+    that the wait cannot be missed): the inbox watch leaves IN_MOVED_FROM out, so the film renamed into the inbox
+    after the claim is ingested at once."""
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+    monkeypatch.setattr(InotifyMoveEventGrouper, "delay", 60.0)
+    films = fixture_images()[:2]
+    enqueue = Recorder(settings)
+    with Ingester(settings, enqueue):
+        shutil.copy(films[0], settings.inbox / "first.jpeg")
+        wait_for(lambda: enqueue.calls, 20, message="first.jpeg")  # claimed: moved out of the inbox
+        shutil.copy(films[1], settings.inbox / ".second.jpeg.part")
+        os.rename(settings.inbox / ".second.jpeg.part", settings.inbox / "second.jpeg")
+        wait_for(lambda: len(enqueue.calls) == 2, 20, message="second.jpeg")
+    assert [(s.source_name, s.sha256) for s in studies(settings)] == [("first.jpeg", sha(films[0].read_bytes())),
+                                                                     ("second.jpeg", sha(films[1].read_bytes()))]
+
+
 def test_byte_identical_duplicate_is_recorded_not_enqueued(settings):
     src = fixture_images()[0]
     enqueue = Recorder(settings)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from watchdog.events import (FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileSystemEvent,
                              FileSystemEventHandler)
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from core.intake import claim
 from core.intake.ingest import Enqueue, inbox_files, ingest_file, is_candidate, requeue_stale
@@ -42,6 +44,28 @@ class _Handler(FileSystemEventHandler):
 EVENTS = [FileCreatedEvent, FileMovedEvent, FileClosedEvent]
 
 
+def _observer() -> BaseObserver:
+    """The platform's observer; on Linux, one whose inotify watch leaves out IN_MOVED_FROM.
+
+    Every claim renames a file out of the inbox (core.intake.claim), which inotify reports as an IN_MOVED_FROM
+    with no IN_MOVED_TO in the watched folder. watchdog holds such an event for 0.5 s, waiting for its pair, at
+    the head of its queue, and every event behind it waits too: with films arriving every 0.15 s, drop →
+    ingested was 0.40 s at the median instead of the stability wait's 0.20. Without IN_MOVED_FROM, a file renamed
+    into the inbox (its IN_MOVED_TO) reaches the handler at once, as a created event; moves out of the inbox
+    are of no use to the ingester.
+    """
+    if not sys.platform.startswith("linux"):
+        return Observer()
+    from watchdog.observers.inotify import InotifyEmitter
+    from watchdog.observers.inotify_c import InotifyConstants
+
+    class InboxEmitter(InotifyEmitter):
+        def get_event_mask_from_filter(self):
+            return super().get_event_mask_from_filter() & ~InotifyConstants.IN_MOVED_FROM
+
+    return BaseObserver(InboxEmitter)
+
+
 class Ingester:
     """Wires watchdog to ingest_file, sends committed studies through a GroupSender (`enqueue_group`: one message
     for several studies; by default `enqueue` once per study), and runs the start-up scan and the stale
@@ -65,7 +89,7 @@ class Ingester:
         self.settings.ensure_dirs()
         self._sender.start()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ingest")
-        self._observer = Observer()
+        self._observer = _observer()
         self._observer.schedule(_Handler(self), str(self.settings.inbox), recursive=False, event_filter=EVENTS)
         self._observer.start()  # before the first scan, so nothing arriving meanwhile is missed
         self._sweeper = threading.Thread(target=self._sweep_loop, name="ingest-sweep", daemon=True)

@@ -83,3 +83,23 @@ def test_wait_writers_closed_returns_once_the_sender_closes(tmp_path):
     finally:
         t.join()
         os.close(fd)
+
+
+def test_a_file_renamed_in_and_closed_is_stable_at_once_and_one_still_held_open_waits(tmp_path, monkeypatch):
+    """A rename into the inbox is the sender's "done": a file no process holds open for writing is taken at
+    once; one a sender still holds open for writing gets the whole stability wait."""
+    sleeps = _Sleeps()
+    monkeypatch.setattr(claim.time, "sleep", sleeps)
+    done = tmp_path / "done.dcm"
+    done.write_bytes(b"a whole instance")
+    assert claim.wait_until_stable(done, 0.3, renamed_in=True)
+    assert sleeps.pauses == []
+
+    held = tmp_path / "held.dcm"
+    with open(held, "wb") as writer:
+        writer.write(b"half an instance")
+        writer.flush()
+        started = time.monotonic()
+        assert claim.wait_until_stable(held, 0.3, renamed_in=True)
+        assert time.monotonic() - started >= 0.3 - 0.02
+    assert len(sleeps.pauses) >= 2

@@ -137,6 +137,28 @@ def test_received_file_is_the_dataset_as_sent(listener, settings):
     assert stored.endswith(sent[sent.index(b"\x08\x00\x16\x00"):])  # from (0008,0016) SOPClassUID onward
 
 
+def test_an_instance_taken_from_the_inbox_at_once_is_still_answered_success(listener, settings, monkeypatch, caplog):
+    """The ingester claims a renamed-in instance at once (it moves out of the inbox): the C-STORE that wrote it
+    is answered success all the same, and the log gives the size received."""
+    from core.intake import dicom_listener
+
+    caplog.set_level(logging.INFO)
+    taken = settings.data_dir / "taken"
+    taken.mkdir(parents=True)
+    store = dicom_listener.store_instance
+
+    def store_then_claimed(inbox, sop_instance_uid, data):
+        path = store(inbox, sop_instance_uid, data)
+        os.rename(path, taken / path.name)  # what the ingester's claim does
+        return path
+    monkeypatch.setattr(dicom_listener, "store_instance", store_then_claimed)
+    ds = instances(1)[0]
+    assert send(port_of(listener), [ds]) == [0]
+    kept = taken / f"{ds.SOPInstanceUID}.dcm"
+    assert dcmread(kept).SOPInstanceUID == ds.SOPInstanceUID
+    assert f"received SOP {ds.SOPInstanceUID} from MODALITY1 ({kept.stat().st_size} bytes)" in caplog.text
+
+
 def test_unlisted_calling_ae_title_is_rejected(settings):
     server = start_listener(settings, port=0, ae_title="CHESTAID", allowed=["PACS"], host="127.0.0.1")
     try:

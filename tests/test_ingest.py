@@ -166,6 +166,21 @@ def test_a_claim_moving_a_film_out_does_not_hold_back_the_next_film(settings, mo
                                                                      ("second.jpeg", sha(films[1].read_bytes()))]
 
 
+def test_a_film_renamed_into_the_inbox_is_taken_without_the_stability_wait(settings):
+    """Renaming a finished temporary file into the inbox says it is complete: it is ingested at once, while a
+    file written in place still waits out the (here long) stability wait."""
+    settings.stable_seconds = 30.0
+    films = fixture_images()[:2]
+    enqueue = Recorder(settings)
+    with Ingester(settings, enqueue):
+        shutil.copy(films[0], settings.inbox / "in-place.jpeg")
+        shutil.copy(films[1], settings.inbox / "renamed.jpeg.part")
+        os.rename(settings.inbox / "renamed.jpeg.part", settings.inbox / "renamed.jpeg")
+        wait_for(lambda: enqueue.calls, 10, message="renamed.jpeg")
+        assert [s.source_name for s in studies(settings)] == ["renamed.jpeg"]
+        assert (settings.inbox / "in-place.jpeg").exists()  # still within its stability wait
+
+
 def test_byte_identical_duplicate_is_recorded_not_enqueued(settings):
     src = fixture_images()[0]
     enqueue = Recorder(settings)

@@ -138,9 +138,32 @@ def _can_open(path: Path) -> bool:
         return False
 
 
-def wait_until_stable(path: Path, seconds: float, *, stop: threading.Event | None = None) -> bool:
+def _written_and_closed(path: Path) -> bool:
+    """Tells whether the entry is a regular file that no process holds open for writing (a read lease is
+    granted); False when that cannot be told."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and _read_lease(fd) is True
+    finally:
+        os.close(fd)
+
+
+def wait_until_stable(path: Path, seconds: float, *, stop: threading.Event | None = None,
+                      renamed_in: bool = False) -> bool:
     """Blocks until the inbox entry has not changed for `seconds` (and opens, when a regular file); False if it
-    vanished or we are stopping. It looks at the entry itself (lstat), so a link swapped in restarts the wait."""
+    vanished or we are stopping. It looks at the entry itself (lstat), so a link swapped in restarts the wait.
+
+    `renamed_in`: the watcher saw the entry renamed into the inbox. A sender that writes a temporary name and
+    renames it when done (core.intake.dicom_listener, rsync, most exporters) says by the rename that the file is
+    complete, so a regular file that no process still holds open for writing is taken at once. A rename
+    can only come from the inbox's own file system: a copy from elsewhere is created and written in place, and
+    waits.
+    """
+    if renamed_in and _written_and_closed(path):
+        return True
     poll = max(0.02, min(0.25, seconds / 4))
     last, since = None, time.monotonic()
     while True:
@@ -262,14 +285,21 @@ def writer_open(fd: int) -> bool:
     claimed file then would leave its remaining writes in an unlinked inode. False where leases are not
     supported (another OS or file system): the stability wait is all there is.
     """
+    return _read_lease(fd) is False
+
+
+def _read_lease(fd: int) -> bool | None:
+    """Tries a read lease on an open file and gives it back: True when granted (no process has the file open
+    for writing), False when refused for a writer, None when leases cannot tell (another OS or file system,
+    or a file owned by another user without CAP_LEASE)."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as exc:
-        return exc.errno in (errno.EAGAIN, errno.EBUSY)
+        return False if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
     except AttributeError:  # no F_SETLEASE on this platform
-        return False
+        return None
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    return False
+    return True
 
 
 def wait_writers_closed(fd: int, seconds: float, *, stop: threading.Event | None = None) -> None:

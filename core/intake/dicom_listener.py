@@ -91,14 +91,15 @@ def _handle_store(event: evt.Event, inbox: Path, max_bytes: int) -> int:
         data = event.encoded_dataset(include_meta=True)
         if len(data) > max_bytes:  # the file meta can tip an instance just under the cap over it
             return _refuse_oversize(calling, sop_uid, len(data), max_bytes)
-        path = store_instance(inbox, sop_uid, data)
+        store_instance(inbox, sop_uid, data)
     except OSError as exc:
         log.error("could not write SOP %s from %s to the inbox: %s", sop_uid, calling, exc.strerror or exc)
         return OUT_OF_RESOURCES
     except Exception:  # a malformed request must cost this instance only, never the server
         log.exception("could not store SOP %s from %s", sop_uid, calling)
         return CANNOT_UNDERSTAND
-    log.info("received SOP %s from %s (%d bytes)", sop_uid, calling, path.stat().st_size)
+    # Not the stored file's size: the ingester may have claimed it (moved it out of the inbox) by now.
+    log.info("received SOP %s from %s (%d bytes)", sop_uid, calling, len(data))
     return SUCCESS
 
 

@@ -91,7 +91,8 @@ def send(study_id: int, *, settings: Settings, enqueue: Enqueue) -> bool:
 
 
 def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop: threading.Event | None = None,
-                wait: bool = True, hand_over: Callable[[int], None] | None = None) -> int | None:
+                wait: bool = True, hand_over: Callable[[int], None] | None = None,
+                renamed_in: bool = False) -> int | None:
     """Claims one inbox entry, archives a verified copy, commits its Study and then enqueues it; returns the
     study id (None if skipped: vanished, already being ingested, or we are stopping).
 
@@ -100,7 +101,9 @@ def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop:
     through one open descriptor, the archive copy verified, the row committed, and only then the claimed file
     removed; a crash at any point leaves the file in the inbox or the claim folder, to be ingested again.
     With `hand_over` (the watcher's core.intake.sender) the committed study is handed to it instead of being
-    sent here, so that films committed together share one message.
+    sent here, so that films committed together share one message. `renamed_in` (the watcher saw the entry
+    renamed into the inbox) skips the stability wait for a file no process holds open for writing
+    (core.intake.claim.wait_until_stable).
     Entries that are not regular files (links, pipes, devices) and files over `max_file_bytes` are recorded as
     failed studies and never read (see _record_unread).
     """
@@ -112,7 +115,7 @@ def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop:
     else:
         if not is_candidate(path):
             return None
-        if wait and not claim.wait_until_stable(path, settings.stable_seconds, stop=stop):
+        if wait and not claim.wait_until_stable(path, settings.stable_seconds, stop=stop, renamed_in=renamed_in):
             return None
         claimed = claim.claim(path, inbox=settings.inbox)
         if claimed is None:

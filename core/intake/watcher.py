@@ -31,7 +31,7 @@ class _Handler(FileSystemEventHandler):
 
     def on_moved(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
-            self.ingester.submit(os.fsdecode(event.dest_path))
+            self.ingester.submit(os.fsdecode(event.dest_path), renamed_in=True)
 
     # A missed "created" (a file opened before we started watching) still shows up as its close, and the
     # start-up scan lists it anyway.
@@ -51,15 +51,15 @@ def _observer() -> BaseObserver:
     with no IN_MOVED_TO in the watched folder. watchdog holds such an event for 0.5 s, waiting for its pair, at
     the head of its queue, and every event behind it waits too: with films arriving every 0.15 s, drop →
     ingested was 0.40 s at the median instead of the stability wait's 0.20. Without IN_MOVED_FROM, a file renamed
-    into the inbox (its IN_MOVED_TO) reaches the handler at once, as a created event; moves out of the inbox
-    are of no use to the ingester.
+    into the inbox (its IN_MOVED_TO) reaches the handler at once, as a move with no source (watchdog's "full"
+    emitter); moves out of the inbox are of no use to the ingester.
     """
     if not sys.platform.startswith("linux"):
         return Observer()
-    from watchdog.observers.inotify import InotifyEmitter
+    from watchdog.observers.inotify import InotifyFullEmitter
     from watchdog.observers.inotify_c import InotifyConstants
 
-    class InboxEmitter(InotifyEmitter):
+    class InboxEmitter(InotifyFullEmitter):
         def get_event_mask_from_filter(self):
             return super().get_event_mask_from_filter() & ~InotifyConstants.IN_MOVED_FROM
 
@@ -97,9 +97,9 @@ class Ingester:
         log.info("watching %s (archive %s)", self.settings.inbox, self.settings.archive_dir)
         return self
 
-    def submit(self, path: str | Path) -> None:
+    def submit(self, path: str | Path, *, renamed_in: bool = False) -> None:
         """Queues an inbox file (or a file left in the claim folder) for ingestion unless it is already being
-        handled."""
+        handled; `renamed_in`: the watcher saw it renamed into the inbox (see ingest_file)."""
         path = Path(path)
         if self._stop.is_set():
             return
@@ -111,15 +111,15 @@ class Ingester:
                 return
             self._inflight.add(path)
         try:
-            self._pool.submit(self._ingest, path)
+            self._pool.submit(self._ingest, path, renamed_in)
         except RuntimeError:  # pool shut down while stopping
             with self._lock:
                 self._inflight.discard(path)
 
-    def _ingest(self, path: Path) -> None:
+    def _ingest(self, path: Path, renamed_in: bool) -> None:
         try:
             ingest_file(path, settings=self.settings, enqueue=self.enqueue, stop=self._stop,
-                        hand_over=self._sender.submit)
+                        hand_over=self._sender.submit, renamed_in=renamed_in)
         except Exception:
             log.exception("could not ingest %s; it stays in the inbox or claim folder and is retried", path)
         finally:

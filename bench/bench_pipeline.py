@@ -54,10 +54,14 @@ def fresh_postgres(base_url: str) -> tuple[str, callable]:
     return url, drop
 
 
-def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, one_at_a_time: bool = False) -> dict:
+def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, one_at_a_time: bool = False,
+        in_place: bool = False) -> dict:
     """Runs one stack on N films and prints its figures; returns them (throughput, p50, p95).
 
     one_at_a_time drops each film only once the one before it is scored: drop→scored latency at idle.
+    Films are written under a dot name and renamed into the inbox (as the DICOM receiver and rsync do), or with
+    in_place written straight under their names, as a plain copy into the inbox does: each of those waits out the
+    stability wait (0.2 s here).
     """
     work = Path(tempfile.mkdtemp(prefix="chestaid-bench-"))
     env = {**os.environ, "CHESTAID_DATA_DIR": str(work / "var"), "CHESTAID_INBOX": str(work / "inbox"),
@@ -80,10 +84,11 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         t_start = time.time()
         for i, film in enumerate(films):
             name = f"bench_{i:04d}_{film.name}"
-            tmp = work / "inbox" / f".{name}.part"
+            tmp = work / "inbox" / (name if in_place else f".{name}.part")
             # Each copy gets a unique trailing comment byte-range so duplicates are not short-circuited.
             tmp.write_bytes(film.read_bytes() + f"\n{i}".encode())
-            os.replace(tmp, work / "inbox" / name)
+            if not in_place:
+                os.replace(tmp, work / "inbox" / name)
             dropped[name] = time.time()
             if one_at_a_time:
                 _wait_for_scored(db_url, i + 1, timeout=60)
@@ -243,14 +248,16 @@ def main() -> None:
     ap.add_argument("--postgres", help="base URL of a Postgres server (a scratch database is created)")
     ap.add_argument("--redis", help="Redis URL for the broker")
     ap.add_argument("--skip-embedded", action="store_true")
+    ap.add_argument("--in-place", action="store_true", help="write films straight under their names (no rename)")
     args = ap.parse_args()
     if not args.skip_embedded:
-        run("embedded defaults (SQLite + kombu sqla broker)", args.n, {}, args.model, args.concurrency)
+        run("embedded defaults (SQLite + kombu sqla broker)", args.n, {}, args.model, args.concurrency,
+            in_place=args.in_place)
     if args.postgres and args.redis:
         url, drop = fresh_postgres(args.postgres)
         try:
             run("Redis + Postgres", args.n, {"CHESTAID_DATABASE_URL": url, "CHESTAID_BROKER_URL": args.redis},
-                args.model, args.concurrency)
+                args.model, args.concurrency, in_place=args.in_place)
         finally:
             drop()
 

@@ -6,14 +6,16 @@ Prints, for the bundle (default: the shipped one):
 3. the forward+CAM limit of each allowed precision at batch sizes 1…64 in one process using every core, and,
    on a CPU, of the chosen mode in one process per core with one thread each (as a worker's pool runs it),
    all processes at once; the limit is the better of the two;
-4. the service end to end (bench/bench_pipeline.py's runner): a burst of films dropped into the inbox, on
-   embedded defaults and, with --postgres/--redis, on Postgres + Redis; and the same one film at a time;
+4. the service end to end (bench/bench_pipeline.py's runner): a burst of films dropped into the inbox (each
+   written under a dot name and renamed in; with --in-place, written straight under its name and so held for the
+   0.2 s stability wait), on embedded defaults and, with --postgres/--redis, on Postgres + Redis; and the same one
+   film at a time;
 5. the ratios service ÷ limit and service ÷ naive, and, on a CPU, the burst against the pool limit measured again
    right after it and against the mean of the pool limits measured before the burst's stack starts and right
    after it (the machine's speed drifts, both ways, within minutes).
 
     python bench/speed.py [--burst 200] [--idle 20] [--postgres URL --redis URL] [--model DIR] [--device cuda]
-                          [--precision fp32]
+                          [--precision fp32] [--in-place]
 
 It asserts nothing: targets are judged by reading the figures.
 """
@@ -157,6 +159,9 @@ def main() -> None:
     ap.add_argument("--idle", type=int, default=20, help="films dropped one at a time (0 skips it)")
     ap.add_argument("--postgres", help="base URL of a Postgres server (a scratch database is created)")
     ap.add_argument("--redis", help="Redis URL for the Postgres + Redis stack")
+    ap.add_argument("--in-place", action="store_true",
+                    help="films written straight under their names, not renamed into the inbox: each waits out "
+                         "the stability wait")
     ap.add_argument("--precision", default="auto",
                     help="force the service's mode (fp32, bf16, …; as CHESTAID_PRECISION), e.g. fp32 on a bf16 CPU to "
                          "see the figures of a CPU where fp32 is the fastest mode; default: the service's own pick")
@@ -207,7 +212,7 @@ def main() -> None:
                     url, drop = bp.fresh_postgres(args.postgres)
                     env.update(CHESTAID_DATABASE_URL=url, CHESTAID_BROKER_URL=redis)
                 try:
-                    r = bp.run(f"{label}: {kind}", n, env, args.model, 0, one_at_a_time=one)
+                    r = bp.run(f"{label}: {kind}", n, env, args.model, 0, one_at_a_time=one, in_place=args.in_place)
                 finally:
                     if drop:
                         drop()

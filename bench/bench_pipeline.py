@@ -84,11 +84,12 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         t_start = time.time()
         for i, film in enumerate(films):
             name = f"bench_{i:04d}_{film.name}"
-            tmp = work / "inbox" / (name if in_place else f".{name}.part")
+            final = work / "inbox" / name
+            written = final if in_place else work / "inbox" / f".{name}.part"
             # Each copy gets a unique trailing comment byte-range so duplicates are not short-circuited.
-            tmp.write_bytes(film.read_bytes() + f"\n{i}".encode())
-            if not in_place:
-                os.replace(tmp, work / "inbox" / name)
+            written.write_bytes(film.read_bytes() + f"\n{i}".encode())
+            if written != final:
+                os.replace(written, final)
             dropped[name] = time.time()
             if one_at_a_time:
                 _wait_for_scored(db_url, i + 1, timeout=60)

@@ -142,11 +142,11 @@ def _written_and_closed(path: Path) -> bool:
     """Tells whether the entry is a regular file that no process holds open for writing (a read lease is
     granted); False when that cannot be told."""
     try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError:
+        fd = open_claimed(path)
+    except (NotRegular, OSError):
         return False
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and _read_lease(fd) is True
+        return _read_lease(fd) is True
     finally:
         os.close(fd)
 
@@ -178,7 +178,7 @@ def wait_until_stable(path: Path, seconds: float, *, stop: threading.Event | Non
         # Every write, rename and attribute change moves the entry's ctime, which no sender can set back: an entry
         # whose mtime and ctime are both `seconds` old has not changed for `seconds`, and is stable at the first
         # look. Those are the files dropped while we were down and, in a burst, those that waited in the ingest
-        # threads' queue: with a second look 0.05 s later, four threads took at most ~65 films/s and held back a
+        # threads' queue: with a second look 0.05 s later, four threads took about 62 films/s and held back a
         # CPU that scores faster (README's performance section).
         idle_on_disk = time.time() - max(st.st_mtime, st.st_ctime) >= seconds
         if (now - since >= seconds or idle_on_disk) and (not stat.S_ISREG(st.st_mode) or _can_open(path)):

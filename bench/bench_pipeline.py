@@ -72,12 +72,19 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
     (work / "inbox").mkdir()
     upgrade(db_url)
     chestaid = str(Path(sys.executable).parent / "chestaid")
+    logs = {name: open(work / f"{name}.log", "wb") for name in ("worker", "ingest")}  # shown if the stack fails
     procs = [subprocess.Popen([chestaid, "worker", "--concurrency", str(concurrency)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
-             subprocess.Popen([chestaid, "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdout=logs["worker"], stderr=subprocess.STDOUT, start_new_session=True),
+             subprocess.Popen([chestaid, "ingest"], env=env, stdout=logs["ingest"], stderr=subprocess.STDOUT,
                               start_new_session=True)]
     try:
-        devices = _wait_for_worker(db_url, concurrency or pool_processes(cuda=gpu_visible()))
+        try:
+            devices = _wait_for_worker(db_url, concurrency or pool_processes(cuda=gpu_visible()), procs[0])
+        except SystemExit:
+            for name in logs:
+                print(f"--- {name} log, last lines ---\n"
+                      + "\n".join((work / f"{name}.log").read_text(errors="replace").splitlines()[-30:]))
+            raise
         films = source_films(n)
         dropped = {}
         cpu_start = [_tree_cpu_seconds(p.pid) for p in procs]
@@ -153,6 +160,8 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        for f in logs.values():
+            f.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -184,13 +193,15 @@ def _by_status(rows: list[Study]) -> str:
     return (": " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))) if counts else ""
 
 
-def _wait_for_worker(db_url: str, processes: int, timeout: float = 300) -> list[str]:
+def _wait_for_worker(db_url: str, processes: int, worker: subprocess.Popen, timeout: float = 300) -> list[str]:
     """Waits until every pool process has loaded the model (each beats once it has): a burst dropped while one
     still runs its start-up probe would be timed against a pool short of a process. Returns each one's device
-    label (precision, probe figure, threads, burst batch)."""
+    label (precision, probe figure, threads, burst batch). Gives up at once if the worker exits."""
     from core.models import WorkerHeartbeat
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if worker.poll() is not None:
+            raise SystemExit(f"the worker exited ({worker.returncode}) before its pool came up")
         try:
             with session_scope(db_url) as s:
                 beats = s.query(WorkerHeartbeat).filter(WorkerHeartbeat.model_version.is_not(None)).all()

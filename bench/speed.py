@@ -3,9 +3,9 @@
 Prints, for the bundle (default: the shipped one):
 1. the CPU/GPU, its flags and torch's view of it (every figure belongs to a machine);
 2. the naive baseline: per-image fp32 forward + autograd Grad-CAM with hooks at features.norm5;
-3. the forward+CAM limit of each allowed precision at batch sizes 1…64 in one process using every core, and,
-   on a CPU, of the chosen mode in one process per core with one thread each (as a worker's pool runs it),
-   all processes at once; the limit is the better of the two;
+3. the forward+CAM limit of each allowed precision at batch sizes 1…16 (1…256 on a GPU) in one process using
+   every core, and, on a CPU, of the chosen mode in one process per core with one thread each (as a worker's
+   pool runs it), all processes at once; the limit is the better of the two;
 4. the service end to end (bench/bench_pipeline.py's runner): a burst of films dropped into the inbox (each
    written under a dot name and renamed in; with --in-place, written straight under its name and so held for the
    0.2 s stability wait), on embedded defaults and, with --postgres/--redis, on Postgres + Redis; and the same one
@@ -45,6 +45,7 @@ from core.ml.preprocess import preprocess  # noqa: E402
 from core.ml.threads import pool_processes, threads_per_process  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
+CUDA_BATCHES = BATCHES + (128, 256)  # the service tries up to 256 on a GPU (precision.BATCH_CANDIDATES)
 
 
 def machine() -> str:
@@ -90,14 +91,16 @@ def naive_images_per_s(model: Path, device: torch.device, n: int) -> float:
     return 1.0 / statistics.median(times[1:])
 
 
-def limit_table(model: Path, device: torch.device, repeats: int = 3, seconds: float = 3.0
+def limit_table(model: Path, device: torch.device, repeats: int = 3, seconds: float | None = None
                 ) -> dict[str, dict[int, float]]:
     """images/s of forward+CAM for each allowed mode and batch size (real films, median of at least `repeats`
-    passes and of `seconds` of passes: a few short passes on a shared VM swing by a third)."""
+    passes and of `seconds` of passes: a few short passes on a shared VM swing by a third; on a GPU, whose passes
+    take milliseconds, 1.5 s holds hundreds of them)."""
+    seconds = seconds if seconds is not None else (1.5 if device.type == "cuda" else 3.0)
     meta = read_meta(model)
     net = load_network(model)
     table: dict[str, dict[int, float]] = {}
-    batches = BATCHES if device.type == "cuda" else BATCHES[:5]
+    batches = CUDA_BATCHES if device.type == "cuda" else BATCHES[:5]
     pool = preprocess(films(max(batches)), 224)
     for mode in precision.allowed_modes(device, bf16_allowed=bf16_allowed(meta)):
         precision.prepare(net, device, mode)

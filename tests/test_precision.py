@@ -10,6 +10,7 @@ import torch
 from core.films.imaging import load_grayscale
 from core.ml import precision
 from core.ml.bundle import BundleMeta, load_bundle
+from core.ml.preprocess import preprocess
 from core.ml.scoring import score_images
 from tests.conftest import fixture_images
 
@@ -124,3 +125,53 @@ def test_a_cpu_is_named_by_model_family_and_the_flags_that_decide_precision():
     assert named.startswith("AMD EPYC (family 26 model 2), flags avx2 avx512f avx512_bf16 avx_vnni, torch capability ")
     assert describe_cpu("model name\t: Some CPU\nflags\t: sse\n").startswith(
         "Some CPU, flags none of avx2/avx512f/avx512_bf16/amx_bf16/avx512_fp16/avx_vnni, ")
+
+
+
+def test_gpu_passes_are_padded_to_a_power_of_two_and_cpu_passes_are_not():
+    assert [precision.padded_batch(n) for n in (1, 2, 3, 5, 8, 9, 200, 256)] == [1, 2, 4, 8, 8, 16, 256, 256]
+    assert precision.pads_passes(torch.device("cuda")) and not precision.pads_passes(torch.device("cpu"))
+
+
+def _seen_batches(net) -> list[int]:
+    seen: list[int] = []
+    net.features.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    return seen
+
+
+def test_a_padded_pass_returns_only_the_films_with_their_unpadded_values(bundle_dir, monkeypatch):
+    # cuDNN times its algorithms for each new batch size (seconds a pass on an H100), so a GPU pass runs at a
+    # power of two. The padding is checked on the CPU: the blank images must not change the films' results.
+    bundle = load_bundle(bundle_dir, device="cpu", mode="fp32")
+    x = preprocess([load_grayscale(p) for p in fixture_images()[:5]], 224)
+    plain = bundle.forward(x)
+    seen = _seen_batches(bundle.net)
+    monkeypatch.setattr(precision, "pads_passes", lambda device: True)
+    padded = bundle.forward(x)
+    assert seen == [8]
+    for a, b in zip(plain, padded):
+        assert b.shape == a.shape and a.shape[0] == 5
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_warm_up_runs_every_padded_size_up_to_the_burst_batch_once_and_nothing_on_a_cpu(bundle_dir, monkeypatch):
+    bundle = load_bundle(bundle_dir, device="cpu", mode="fp32")
+    seen = _seen_batches(bundle.net)
+    assert precision.warm_up(bundle.net, bundle.device, "fp32", 6) == [] and seen == []
+    monkeypatch.setattr(precision, "pads_passes", lambda device: True)
+    assert precision.warm_up(bundle.net, bundle.device, "fp32", 6) == [1, 2, 4, 8]
+    assert seen == [1, 2, 4, 8]
+
+
+def test_a_worker_warms_up_its_padded_sizes_once_its_burst_batch_is_known(bundle_dir, tmp_path, monkeypatch):
+    from core.settings import Settings
+    from worker import tasks
+    monkeypatch.setattr(precision, "pads_passes", lambda device: True)
+    ran: list[int] = []
+    real_run = precision.run
+    monkeypatch.setattr(precision, "run", lambda net, x, device, mode: ran.append(x.shape[0])
+                        or real_run(net, x, device, mode))
+    settings = Settings(data_dir=tmp_path / "var", model_dir=bundle_dir, precision="fp32", score_batch_size=3)
+    model = tasks._Model()
+    assert model._load(settings) is not None and model.batch_size == 3
+    assert ran == [1, 2, 4]

@@ -60,6 +60,7 @@ class _Model:
         try:
             bundle = load_bundle(settings.model_dir, mode=settings.precision)
             self.batch_size = settings.score_batch_size or _burst_batch(bundle)
+            precision.warm_up(bundle.net, bundle.device, bundle.mode, self.batch_size, size=bundle.input_size)
         except Exception as exc:
             message = (f"no usable model bundle at {settings.model_dir} ({exc}); studies stay queued "
                        "and are re-enqueued once a bundle exists (set CHESTAID_MODEL_DIR)")

@@ -114,10 +114,39 @@ def run(net: nn.Module, x: torch.Tensor, device: torch.device, mode: str) -> tup
     return logits, cams
 
 
+def padded_batch(n: int) -> int:
+    """The batch size a GPU pass of `n` films runs at: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def pads_passes(device: torch.device) -> bool:
+    """Whether passes on `device` are padded to padded_batch. With cudnn.benchmark, cuDNN times every
+    convolution's algorithms the first time it sees a shape: on an H100 a pass of a batch size not seen before
+    took 2.6 s (the first idle film, at batch 1) to 3.6 s (a burst's first pass), against 14 ms. A burst's passes
+    take whatever the queue holds (1…256 films), so each new size paid that; padded, there are nine shapes, timed
+    at start (warm_up). A CPU has no such cost, and padding would only add work there."""
+    return device.type == "cuda"
+
+
+def warm_up(net: nn.Module, device: torch.device, mode: str, batch: int, *, size: int = 224) -> list[int]:
+    """Runs one pass at every padded batch size up to `batch`'s, so that no film waits for cuDNN's algorithm
+    search (pads_passes); returns the sizes run (none on a CPU)."""
+    if not pads_passes(device):
+        return []
+    sizes = [1 << i for i in range(padded_batch(batch).bit_length())]
+    for b in sizes:
+        run(net, torch.zeros(b, 3, size, size), device, mode)
+    return sizes
+
+
 @torch.inference_mode()
 def run_with_embedding(net: nn.Module, x: torch.Tensor, device: torch.device,
                        mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs forward+CAM in a mode; returns float32 (logits [N], CAMs [N,h,w], pooled embedding [N,C]) on the CPU."""
+    """Runs forward+CAM in a mode; returns float32 (logits [N], CAMs [N,h,w], pooled embedding [N,C]) on the CPU.
+    On a GPU the batch is padded with blank images to padded_batch (pads_passes) and the padding dropped."""
+    n = x.shape[0]
+    if pads_passes(device) and padded_batch(n) > n:
+        x = torch.cat([x, x.new_zeros((padded_batch(n) - n, *x.shape[1:]))])
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     if mode == "fp16":
         logits, cams, emb = forward_with_cam_embedding(net, x.half())
@@ -126,7 +155,7 @@ def run_with_embedding(net: nn.Module, x: torch.Tensor, device: torch.device,
             logits, cams, emb = forward_with_cam_embedding(net, x)
     else:
         logits, cams, emb = forward_with_cam_embedding(net, x)
-    return logits.float().cpu(), cams.float().cpu(), emb.float().cpu()
+    return logits[:n].float().cpu(), cams[:n].float().cpu(), emb[:n].float().cpu()
 
 
 def _timed_pass(net: nn.Module, device: torch.device, mode: str, x: torch.Tensor) -> float:

@@ -87,3 +87,29 @@ def test_the_audit_catches_lost_twice_recorded_double_scored_and_altered_files(t
                      "scored studies without a heat-map: [5]", "inbox not empty: ['stuck.png']",
                      "worker logs show 4 scored outcomes for 5 scored studies"):
         assert expected in text, (expected, text)
+
+
+@pytest.mark.parametrize("kills, logged, ok", [(0, 10, True), (0, 9, False), (1, 6, True), (1, 5, False),
+                                               (2, 0, False)])
+def test_the_audit_allows_one_unlogged_pass_per_killed_worker_and_no_more(tmp_path, kills, logged, ok):
+    # A pass's "stored as scored" lines follow its commit, and the chaos kills a worker just after a commit: each
+    # kill may cut off one pass's lines (the burst batch the worker logged, 4 here). Beyond that, or with none
+    # logged at all, the logs cannot show double scoring.
+    data_dir = tmp_path / "var"
+    (data_dir / "heatmaps").mkdir(parents=True)
+    (data_dir / "archive").mkdir()
+    (tmp_path / "inbox").mkdir()
+    films = [Entry(f"f{i}.png", "film", bytes([i]) * 100) for i in range(10)]
+    rows = []
+    for sid, entry in enumerate(films, start=1):
+        (data_dir / "archive" / f"{entry.sha256}.png").write_bytes(entry.data)
+        (data_dir / "heatmaps" / f"{sid}.png").write_bytes(b"png")
+        rows.append(Study(id=sid, source_name=entry.name, sha256=entry.sha256, status=Status.SCORED,
+                          stored_path=f"archive/{entry.sha256}.png", heatmap_path=f"heatmaps/{sid}.png",
+                          enqueue_count=1, claim_count=1))
+    logs = "loaded model m on cpu, bursts in batches of 4, in process 1\n" + "".join(
+        f"study {sid} stored as scored\n" for sid in range(1, logged + 1))
+    report = Report("unit", dropped=len(films))
+    audit(report, entries=films, rows=rows, data_dir=data_dir, inbox=tmp_path / "inbox", worker_logs=logs,
+          max_claims=3, worker_kills=kills)
+    assert any("cannot check double scoring" in v for v in report.violations) is not ok, report.violations

@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from core.db import session_scope  # noqa: E402
 from core.migrate import upgrade  # noqa: E402
-from core.ml.threads import gpu_visible, pool_processes  # noqa: E402
+from core.ml.threads import gpu_visible, machine_busy_seconds, pool_processes  # noqa: E402
 from core.models import Status, Study  # noqa: E402
 
 STAGES = ["decode_ms", "preprocess_ms", "forward_cam_ms", "forward_cpu_ms", "ood_ms", "heatmap_ms"]
@@ -88,7 +88,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         films = source_films(n)
         dropped = {}
         cpu_start = [_tree_cpu_seconds(p.pid) for p in procs]
-        busy_start, own_start = _machine_busy_seconds(), time.process_time()
+        busy_start, own_start = machine_busy_seconds(), time.process_time()
         t_start = time.time()
         for i, film in enumerate(films):
             name = f"bench_{i:04d}_{film.name}"
@@ -106,7 +106,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
         latencies = sorted(r.scored_at.timestamp() - dropped[r.source_name] for r in rows if r.scored_at)
         failed = [r for r in rows if r.status != Status.SCORED]
         cpu_end = [_tree_cpu_seconds(p.pid) for p in procs]
-        busy, own = _machine_busy_seconds() - busy_start, time.process_time() - own_start
+        machine_busy, own = machine_busy_seconds() - busy_start, time.process_time() - own_start
         # Per process: a pool process alive at both reads counts its difference (the main and pool processes
         # outlive a burst); the ingester is one process.
         worker_cpu = {pid: t - cpu_start[0].get(pid, 0.0) for pid, t in cpu_end[0].items()}
@@ -129,7 +129,7 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
               f"({1000 * cpu[1] / n:.0f} ms per film); wall {wall:.1f} s on {os.cpu_count()} cores")
         # The database server, the broker and anything else on the machine: on Postgres + Redis, CPU the network
         # does not get that the service's own processes do not show.
-        print(f"other cpu        {busy - cpu[0] - cpu[1] - own:.1f} s (database server, broker, rest of the machine); "
+        print(f"other cpu        {machine_busy - cpu[0] - cpu[1] - own:.1f} s (database server, broker, rest of the machine); "
               f"this bench {own:.1f} s")
         print(f"worker cpu       main process {worker_cpu.pop(procs[0].pid, 0.0):.1f} s, pool processes "
               + ", ".join(f"{pid}: {t:.1f} s" for pid, t in sorted(worker_cpu.items())))
@@ -189,13 +189,6 @@ def _tree_cpu_seconds(root: int) -> dict[int, float]:
         tree.update(kids)
         frontier += kids
     return {pid: stats[pid][1] / os.sysconf("SC_CLK_TCK") for pid in tree if pid in stats}
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy (user … steal, without idle and iowait; Linux /proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _by_status(rows: list[Study]) -> str:

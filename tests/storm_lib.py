@@ -218,7 +218,7 @@ def audit(report: Report, *, entries: list[Entry], rows: list[Study], data_dir: 
     if sends:  # each send beyond the first is a re-enqueue by the stale sweep (lost message or false alarm)
         report.notes.append(f"scoring tasks sent: {sum(sends)} for {len(sends)} studies (most for one study: "
                             f"{max(sends)})")
-    _check_single_scoring(report, rows, data_dir, worker_logs, cut_off=worker_kills)
+    _check_single_scoring(report, rows, data_dir, worker_logs, worker_kills=worker_kills)
     _check_archive(report, rows, data_dir)
     left = _inbox_left(inbox)
     if left:
@@ -253,11 +253,11 @@ def _outcome_problem(entry: Entry, row: Study, by_id: dict[int, Study], max_clai
 
 
 def _check_single_scoring(report: Report, rows: list[Study], data_dir: Path, worker_logs: str, *,
-                          cut_off: int) -> None:
+                          worker_kills: int) -> None:
     """No film is scored twice: one scored row per content, one heat-map per scored row and none for others,
     and at most one 'scored' outcome per study in the worker logs.
 
-    A pass's "stored as scored" lines follow its commit, so each of the `cut_off` workers SIGKILLed may have
+    A pass's "stored as scored" lines follow its commit, so each of the `worker_kills` workers SIGKILLed may have
     stored one pass (at most its burst batch, which each pool process logs at start) that it never logged: the
     chaos kills a worker when the scored count reaches a mark, just after a commit. Any more missing lines, or
     none at all, mean the logs cannot show double scoring."""
@@ -279,9 +279,9 @@ def _check_single_scoring(report: Report, rows: list[Study], data_dir: Path, wor
     logged = sum(n for (_, o), n in outcomes.items() if o == "scored")
     unlogged = len({r.id for r in scored} - {sid for (sid, o) in outcomes if o == "scored"})
     batch = max((int(b) for b in _BATCH.findall(worker_logs)), default=max(BATCH_CANDIDATES["cpu"]))
-    if (scored and not logged) or unlogged > cut_off * batch:
+    if (scored and not logged) or unlogged > worker_kills * batch:
         report.fail(f"worker logs show {logged} scored outcomes for {len(scored)} scored studies, {unlogged} "
-                    f"unlogged with {cut_off} process(es) killed: cannot check double scoring from them "
+                    f"unlogged with {worker_kills} worker(s) killed: cannot check double scoring from them "
                     "(log format changed?)")
     skipped = sum(n for (_, o), n in outcomes.items() if o == "skipped")
     report.notes.append(f"redundant deliveries skipped by the claim check: {skipped}")

@@ -127,7 +127,6 @@ def test_a_cpu_is_named_by_model_family_and_the_flags_that_decide_precision():
         "Some CPU, flags none of avx2/avx512f/avx512_bf16/amx_bf16/avx512_fp16/avx_vnni, ")
 
 
-
 def test_gpu_passes_are_padded_to_a_power_of_two_and_cpu_passes_are_not():
     assert [precision.padded_batch(n) for n in (1, 2, 3, 5, 8, 9, 200, 256)] == [1, 2, 4, 8, 8, 16, 256, 256]
     assert precision.pads_passes(torch.device("cuda")) and not precision.pads_passes(torch.device("cpu"))

@@ -148,8 +148,9 @@ def run_with_embedding(net: nn.Module, x: torch.Tensor, device: torch.device,
     """Runs forward+CAM in a mode; returns float32 (logits [N], CAMs [N,h,w], pooled embedding [N,C]) on the CPU.
     On a GPU the batch is padded with blank images to padded_batch (pads_passes) and the padding dropped."""
     n = x.shape[0]
-    if pads_passes(device) and padded_batch(n) > n:
-        x = torch.cat([x, x.new_zeros((padded_batch(n) - n, *x.shape[1:]))])
+    padded = padded_batch(n) if pads_passes(device) else n
+    if padded > n:
+        x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     if mode == "fp16":
         logits, cams, emb = forward_with_cam_embedding(net, x.half())

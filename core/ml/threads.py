@@ -60,18 +60,24 @@ def threads_for(others: float, *, cores: int, full: int) -> int:
     return max(1, min(full, math.floor(cores - others + 0.5)))
 
 
+def machine_busy_seconds() -> float:
+    """Seconds of busy CPU on the whole machine since boot (user … steal, without idle and iowait; Linux
+    /proc/stat). Raises OSError where there is no /proc."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _HZ  # user … steal; guest time is already counted in user
+
+
 def _sample() -> tuple[float, float, float] | None:
     """(seconds of busy CPU on the machine, seconds of CPU of this process, monotonic time), or None off Linux."""
     try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = machine_busy_seconds()
         with open("/proc/self/stat") as f:
             own = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    busy = sum(fields[:8]) - idle  # user … steal; guest time is already counted in user
-    return busy / _HZ, (int(own[11]) + int(own[12])) / _HZ, time.monotonic()
+    return busy, (int(own[11]) + int(own[12])) / _HZ, time.monotonic()
 
 
 class ThreadFit:

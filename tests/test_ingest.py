@@ -181,6 +181,23 @@ def test_a_film_renamed_into_the_inbox_is_taken_without_the_stability_wait(setti
         assert (settings.inbox / "in-place.jpeg").exists()  # still within its stability wait
 
 
+def test_a_rename_seen_after_the_sweep_took_the_file_still_skips_the_stability_wait(settings):
+    """The inbox sweep can list a film between its rename and the watcher's event; the event, arriving while the
+    sweep's ingest is already waiting out the stability wait, must still end that wait."""
+    settings.stable_seconds = 30.0
+    film = settings.inbox / "late-event.jpeg"
+    shutil.copy(fixture_images()[0], settings.inbox / "late-event.part")
+    os.rename(settings.inbox / "late-event.part", film)  # before start: the start-up sweep takes it, with no event
+    enqueue = Recorder(settings)
+    with Ingester(settings, enqueue) as ingester:
+        wait_for(lambda: ingester._busy() == 1, 10, message="the sweep's ingest")
+        time.sleep(0.3)  # it is now in its (30 s) stability wait
+        assert enqueue.calls == []
+        ingester.submit(film, renamed_in=True)  # the watcher's late event
+        wait_for(lambda: enqueue.calls, 10, message="late-event.jpeg")
+    assert [s.source_name for s in studies(settings)] == ["late-event.jpeg"]
+
+
 def test_byte_identical_duplicate_is_recorded_not_enqueued(settings):
     src = fixture_images()[0]
     enqueue = Recorder(settings)

@@ -20,6 +20,7 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 CLAIM_DIR = ".claimed"
@@ -152,7 +153,7 @@ def _written_and_closed(path: Path) -> bool:
 
 
 def wait_until_stable(path: Path, seconds: float, *, stop: threading.Event | None = None,
-                      renamed_in: bool = False) -> bool:
+                      renamed_in: bool | Callable[[], bool] = False) -> bool:
     """Blocks until the inbox entry has not changed for `seconds` (and opens, when a regular file); False if it
     vanished or we are stopping. It looks at the entry itself (lstat), so a link swapped in restarts the wait.
 
@@ -160,13 +161,15 @@ def wait_until_stable(path: Path, seconds: float, *, stop: threading.Event | Non
     renames it when done (core.intake.dicom_listener, rsync, most exporters) says by the rename that the file is
     complete, so a regular file that no process still holds open for writing is taken at once. A rename
     can only come from the inbox's own file system: a copy from elsewhere is created and written in place, and
-    waits.
+    waits. A callable is asked at every look, since the watcher's rename event can arrive after the inbox sweep
+    has already started this wait for the same entry.
     """
-    if renamed_in and _written_and_closed(path):
-        return True
+    renamed = renamed_in if callable(renamed_in) else (lambda: renamed_in)
     poll = max(0.02, min(0.25, seconds / 4))
     last, since = None, time.monotonic()
     while True:
+        if renamed() and _written_and_closed(path):
+            return True
         try:
             st = os.lstat(path)
         except FileNotFoundError:

@@ -92,7 +92,7 @@ def send(study_id: int, *, settings: Settings, enqueue: Enqueue) -> bool:
 
 def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop: threading.Event | None = None,
                 wait: bool = True, hand_over: Callable[[int], None] | None = None,
-                renamed_in: bool = False) -> int | None:
+                renamed_in: bool | Callable[[], bool] = False) -> int | None:
     """Claims one inbox entry, archives a verified copy, commits its Study and then enqueues it; returns the
     study id (None if skipped: vanished, already being ingested, or we are stopping).
 
@@ -102,8 +102,8 @@ def ingest_file(path: str | Path, *, settings: Settings, enqueue: Enqueue, stop:
     removed; a crash at any point leaves the file in the inbox or the claim folder, to be ingested again.
     With `hand_over` (the watcher's core.intake.sender) the committed study is handed to it instead of being
     sent here, so that films committed together share one message. `renamed_in` (the watcher saw the entry
-    renamed into the inbox) skips the stability wait for a file no process holds open for writing
-    (core.intake.claim.wait_until_stable).
+    renamed into the inbox; a callable when that can be learnt later) skips the stability wait for a file no
+    process holds open for writing (core.intake.claim.wait_until_stable).
     Entries that are not regular files (links, pipes, devices) and files over `max_file_bytes` are recorded as
     failed studies and never read (see _record_unread).
     """

@@ -80,6 +80,7 @@ class Ingester:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._inflight: set[Path] = set()
+        self._renamed: set[Path] = set()  # inbox entries the watcher saw renamed in (ingest_file's renamed_in)
         self._pool: ThreadPoolExecutor | None = None
         self._observer = None
         self._sweeper: threading.Thread | None = None
@@ -107,24 +108,28 @@ class Ingester:
                                                                       or not is_candidate(path)):
             return
         with self._lock:
+            if renamed_in:
+                self._renamed.add(path)  # also when in flight: the sweep may have started its wait first
             if path in self._inflight:
                 return
             self._inflight.add(path)
         try:
-            self._pool.submit(self._ingest, path, renamed_in)
+            self._pool.submit(self._ingest, path)
         except RuntimeError:  # pool shut down while stopping
             with self._lock:
                 self._inflight.discard(path)
+                self._renamed.discard(path)
 
-    def _ingest(self, path: Path, renamed_in: bool) -> None:
+    def _ingest(self, path: Path) -> None:
         try:
             ingest_file(path, settings=self.settings, enqueue=self.enqueue, stop=self._stop,
-                        hand_over=self._sender.submit, renamed_in=renamed_in)
+                        hand_over=self._sender.submit, renamed_in=lambda: path in self._renamed)
         except Exception:
             log.exception("could not ingest %s; it stays in the inbox or claim folder and is retried", path)
         finally:
             with self._lock:
                 self._inflight.discard(path)
+                self._renamed.discard(path)
             self._sender.poke()
 
     def _busy(self) -> int:

@@ -68,7 +68,7 @@ DRAIN_SECONDS = 30.0
 
 
 def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: str,
-                    batch_size: int = 0, share: int = 1) -> dict[int, str]:
+                    batch_size: int = 0) -> dict[int, str]:
     """Scores studies end to end; returns {study_id: final status or "skipped"}.
 
     With `batch_size` > 0 a burst fills the batch: queued studies beyond those delivered are claimed too, one
@@ -76,8 +76,6 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
     next pass's films are decoded and the last pass's heat-maps encoded and stored by a thread pool while the
     network runs. Claiming a single pass ahead, not the whole queue, leaves the rest to the other processes; once
     less than a pass is left beyond the last claim, the next is claimed only when this process is free.
-    `share`: the pool processes draining the same queue; a burst's last films are split among them (see
-    _companions).
     """
     outcome: dict[int, str] = {}
     claimed, calibration, burst = _claim(study_ids, bundle=bundle, settings=settings, worker=worker,
@@ -89,7 +87,7 @@ def process_studies(study_ids: list[int], *, bundle: Bundle, settings: Settings,
             _crash_if_marked(settings, [c.source_name for c in more])
             return [(c, pool.submit(_load, c, settings)) for c in more]  # decoding starts at once
         def claim_next() -> tuple[list[tuple[Claimed, object]], bool]:
-            more, left = _companions(settings=settings, worker=worker, limit=batch_size, share=share)
+            more, left = _companions(settings=settings, worker=worker, limit=batch_size)
             return start(more), left >= batch_size
 
         queue = start(claimed)
@@ -176,24 +174,14 @@ def _claim(study_ids: list[int], *, bundle: Bundle, settings: Settings, worker: 
     return claimed, calibration, burst
 
 
-def _companions(*, settings: Settings, worker: str, limit: int, share: int = 1) -> tuple[list[Claimed], int]:
-    """Claims more fresh queued studies for the next pass of a burst (none: the burst is over): up to `limit`,
-    and no more than this process's part of what is left when `share` processes drain the queue; returns them
-    and how many fresh ones are still queued after them.
-
-    A whole pass taken from the burst's last films kept one process busy for up to a pass after the other ran out
-    of work (a tail of 0.1–0.2 s in a 5 s burst of bf16 passes at 8, 2-core Zen 4); split, both end together.
-    """
+def _companions(*, settings: Settings, worker: str, limit: int) -> tuple[list[Claimed], int]:
+    """Claims up to `limit` more fresh queued studies for the next pass of a burst (none: the burst is over);
+    returns them and how many fresh ones are still queued after them."""
     with session_scope(settings.database_url) as session:
-        queued = repo.fresh_queued_count(session)
-        claimed = _take_companions(session, worker=worker, limit=min(limit, part_of(queued, share)), exclude=[])
+        claimed = _take_companions(session, worker=worker, limit=limit, exclude=[])
         _describe(session, claimed)
-    return claimed, max(0, queued - len(claimed))
-
-
-def part_of(queued: int, share: int) -> int:
-    """One process's part of `queued` films split among `share` processes (rounded up: none is left over)."""
-    return -(-queued // max(1, share))
+        left = repo.fresh_queued_count(session) if claimed else 0
+    return claimed, left
 
 
 def _take_companions(session, *, worker: str, limit: int, exclude: list[int]) -> list[Claimed]:

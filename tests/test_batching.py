@@ -100,22 +100,6 @@ def test_a_burst_of_n_is_scored_in_ceil_n_over_b_passes_each_study_once(settings
     assert sorted(p.name for p in settings.heatmap_dir.iterdir()) == sorted(f"{r.id}.png" for r in rows)
 
 
-def test_a_burst_s_last_films_are_split_among_the_pool_s_processes(settings, bundle):
-    """With `share` processes draining one queue, a pass takes at most its part of what is left, so the burst's
-    last films are not one process's whole pass while the others have run dry; alone, the process still scores
-    all of them, each once."""
-    recording = Recording(bundle)
-    ids = queue_burst(settings, films(10))
-    outcome = process_studies([ids[0]], bundle=recording, settings=settings, worker="w", batch_size=4, share=2)
-    # The delivered study and 3 companions; then ⌈6/2⌉ = 3, ⌈3/2⌉ = 2 and the last one.
-    assert [n for n, _, _ in recording.passes] == [4, 3, 2, 1]
-    assert outcome == {sid: "scored" for sid in ids}
-    with session_scope(settings.database_url) as s:
-        assert [r.claim_count for r in s.scalars(select(Study).order_by(Study.id))] == [1] * 10
-    assert [pipeline.part_of(q, n) for q, n in [(0, 2), (1, 2), (6, 2), (7, 2), (9, 1), (5, 0), (10, 4)]] == \
-        [0, 1, 3, 4, 9, 5, 3]
-
-
 def test_a_companions_own_delivery_is_settled_by_one_read_without_a_write(settings, bundle):
     # In a burst most messages name studies an earlier pass already scored. Each is skipped after one read: no
     # UPDATE (on SQLite it would wait for the database write lock) and no calibration lookup.
@@ -271,19 +255,3 @@ def test_companion_claims_take_fresh_studies_oldest_first_and_loaded_objects_rea
         assert repo.fresh_queued_count(s) == 1  # ids[0]; ids[4] was claimed once
         assert repo.claim_companions(s, worker="w:2", limit=4, exclude=[]) == [(ids[0], s.get(Study, ids[0]).claim_token)]
         assert repo.claim_companions(s, worker="w:2", limit=4, exclude=[]) == []
-
-
-def test_a_pool_process_drains_with_its_pool_s_size_as_the_share(settings, monkeypatch):
-    from worker import tasks
-
-    sentinel, seen = object(), {}
-
-    def fake(study_ids, **kwargs):
-        seen.update(kwargs, study_ids=study_ids)
-        return {}
-    monkeypatch.setattr(tasks, "process_studies", fake)
-    monkeypatch.setattr(tasks.MODEL, "bundle", sentinel)
-    monkeypatch.setattr(tasks.MODEL, "batch_size", 8)
-    monkeypatch.setitem(tasks.POOL, "processes", 3)
-    tasks.run_scoring([5, 6], settings=settings)
-    assert (seen["study_ids"], seen["bundle"], seen["batch_size"], seen["share"]) == ([5, 6], sentinel, 8, 3)

@@ -180,7 +180,7 @@ def run_scoring(study_ids: list[int], *, settings: Settings | None = None) -> di
     if settings.debug_task_delay_seconds > 0:
         bundle = _SlowBundle(bundle, settings.debug_task_delay_seconds)
     return process_studies(list(study_ids), bundle=bundle, settings=settings, worker=worker_name(),
-                           batch_size=MODEL.batch_size, share=POOL["processes"])
+                           batch_size=MODEL.batch_size)
 
 
 def _one_at_a_time(study_ids: list[int], *, settings: Settings) -> list[int] | None:

@@ -150,6 +150,9 @@ def run(label: str, n: int, env_extra: dict, model: Path, concurrency: int, *, o
             first, last = span[name]
             print(f"in forward       {name.rsplit(':', 1)[-1]:>8s}: {busy:.1f} s of {wall:.1f} s ({busy / wall:.0%}); "
                   f"first claim at {first:.1f} s, last result at {last:.1f} s")
+        if len(span) > 1:  # a core idle while another process finishes its last pass
+            lasts = [last for _, last in span.values()]
+            print(f"tail             {max(lasts) - min(lasts):.2f} s between the pool processes' last results")
         _print_ramp(rows, dropped)
         _print_pace(rows, t_start, max(dropped.values()) - t_start)
         return {"throughput": len(latencies) / wall if wall > 0 else 0.0,

@@ -1,6 +1,8 @@
 """DICOM pixel values to 8-bit grayscale the way a viewer shows them: Modality LUT, VOI LUT or window, inversion."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
@@ -25,8 +27,11 @@ def _wide_voi_lut(ds: Dataset, item: Dataset) -> Dataset:
     return wide
 
 
-def _voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, float]:
-    """Applies the VOI stage; returns the output and the range it is defined on (what maps to black..white)."""
+def _voi(values: np.ndarray, ds: Dataset, present: Callable[[], np.ndarray] | None = None
+         ) -> tuple[np.ndarray, float, float]:
+    """Applies the VOI stage; returns the output and the range it is defined on (what maps to black..white).
+    `present` (for a table of values, see to_8bit) tells which of them occur in the film: the range of a film
+    with no VOI LUT or window is that of its own values."""
     sequence = ds.get("VOILUTSequence")
     if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
         if not np.issubdtype(values.dtype, np.integer):
@@ -43,13 +48,32 @@ def _voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, float]:
         lo, hi = sorted(apply_windowing(np.array([-np.inf, np.inf]), ds, 0))
         return apply_windowing(values, ds, 0), float(lo), float(hi)
     values = values.astype(np.float64)
-    return values, float(values.min()), float(values.max())
+    occurring = values if present is None else values[present()]
+    return values, float(occurring.min()), float(occurring.max())
+
+
+# Mapping each stored value a film can hold once, then looking every pixel up in that table, gives the same bytes
+# as mapping every pixel (each stage maps one value at a time) for a fraction of the CPU: on a 2500×2048 12-bit
+# film (2-core AMD EPYC family 25 model 17), 70 ms of a 5-megapixel decode went to the float64 stages.
+TABLE_BYTES_PER_PIXEL = 2  # 8- and 16-bit stored values, every CR/DX film; wider or float pixels are mapped as they are
 
 
 def to_8bit(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """Stored values → Modality LUT → VOI LUT/window (else min–max) → MONOCHROME1 inversion → uint8."""
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize <= TABLE_BYTES_PER_PIXEL and arr.size:
+        base = int(arr.min())
+        index = np.subtract(arr, base, dtype=np.int32)
+        span = int(index.max()) + 1
+        table = _map(np.arange(base, base + span).astype(arr.dtype), ds,
+                     lambda: np.bincount(index.ravel(), minlength=span) > 0)
+        return table[index]
+    return _map(arr, ds, None)
+
+
+def _map(arr: np.ndarray, ds: Dataset, present: Callable[[], np.ndarray] | None) -> np.ndarray:
+    """to_8bit's stages, value by value, on the pixels themselves or on a table of values (`present`: _voi)."""
     try:
-        values, lo, hi = _voi(apply_modality_lut(arr, ds), ds)
+        values, lo, hi = _voi(apply_modality_lut(arr, ds), ds, present)
     except (ValueError, TypeError, NotImplementedError, IndexError, AttributeError, KeyError) as exc:
         raise ImageRejected(f"invalid Modality LUT, VOI LUT or window in the DICOM header: {exc}") from exc
     if not hi > lo:

@@ -110,6 +110,37 @@ def test_complete_interlaced_and_bit_packed_pngs_decode_and_one_byte_short_is_re
         assert "PNG pixel data is incomplete" in rejection(without_last_raw_byte(data))
 
 
+@pytest.mark.parametrize("pad_truncated", [False, True], ids=["pillow-default", "pillow-pads-truncated"])
+def test_a_png_whose_last_row_holds_data_is_inflated_once_and_any_shortfall_is_still_refused(monkeypatch,
+                                                                                              pad_truncated):
+    from core.films import imaging
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", pad_truncated)
+    checked = []
+    real_check = imaging._check_png_complete
+    monkeypatch.setattr(imaging, "_check_png_complete", lambda data: checked.append(len(data)) or real_check(data))
+    pixels = np.asarray(load_grayscale(fixture_images()[0]))[:67, :101].copy()
+    pixels[-1] = np.maximum(pixels[-1], 1)
+    complete = {"8-bit": saved(Image.fromarray(pixels)),
+                "16-bit": saved(Image.fromarray(pixels.astype(np.uint16) * 257)),
+                "RGBA": saved(Image.fromarray(np.dstack([pixels] * 3 + [np.full_like(pixels, 255)]), "RGBA"))}
+    for name, data in complete.items():
+        assert np.array_equal(np.asarray(load_grayscale(data)), pixels), name
+    assert checked == []  # the last row proved each of them complete
+    black_last_row = pixels.copy()
+    black_last_row[-1] = 0
+    raw = b"".join(b"\0" + row.tobytes() for row in black_last_row)
+    assert np.array_equal(np.asarray(load_grayscale(saved(Image.fromarray(black_last_row)))), black_last_row)
+    assert np.array_equal(np.asarray(load_grayscale(gray_png(101, 67, raw, interlace=0))), black_last_row)
+    assert len(checked) == 2  # a black last row proves nothing: checked in full
+    # Cut short, each is refused: by Pillow itself where it notices, else (padding on) by the full check.
+    expected = "PNG pixel data is incomplete" if pad_truncated else "truncated or corrupt image data"
+    for name, data in complete.items():
+        assert expected in rejection(without_last_raw_byte(data)), name
+    whole_rows = gray_png(101, 67, b"".join(b"\0" + row.tobytes() for row in pixels[:-1]))  # the last row missing
+    assert "PNG pixel data is incomplete" in rejection(whole_rows)
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP", "PPM"])
 def test_other_raster_formats_are_refused(fmt):
     data = saved(Image.open(fixture_images()[0]), fmt)

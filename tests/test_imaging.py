@@ -132,3 +132,18 @@ def test_decompression_bomb_header_is_refused_before_decoding():
 def test_tiny_image():
     assert rejection(png(Image.new("L", (50, 40), 128))) == "image is 50x40 pixels; films under 64 px are not scored"
     assert load_grayscale(png(Image.new("L", (64, 64), 128))).size == (64, 64)
+
+
+def test_every_16_bit_value_maps_to_the_rounded_257th_and_out_of_range_values_clip():
+    from core.films.imaging import _to_8bit_gray
+
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    expected = np.clip(np.rint(every / 257.0), 0, 255).astype(np.uint8)  # the float64 formula, value by value
+    for mode_image in (Image.fromarray(every), Image.fromarray(every.byteswap().view(">u2"))):
+        assert mode_image.mode.startswith("I;16")
+        assert np.array_equal(np.asarray(_to_8bit_gray(mode_image)), expected)
+    wide = np.array([[-70000, -1, 0, 128, 129, 385, 386, 65535, 65536, 10**9]], dtype=np.int32)
+    out = np.asarray(_to_8bit_gray(Image.fromarray(wide)))
+    assert Image.fromarray(wide).mode == "I" and out.tolist() == [[0, 0, 0, 0, 1, 1, 2, 255, 255, 255]]
+    floats = np.array([[-3.0, 0.4, 0.5, 1.5, 254.6, 300.0]], dtype=np.float32)
+    assert np.asarray(_to_8bit_gray(Image.fromarray(floats))).tolist() == [[0, 0, 0, 2, 255, 255]]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from datetime import datetime
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from pydicom import uid
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 
 from core.films.dicom import DicomInfo, read_dicom, read_dicom_info
@@ -155,7 +156,8 @@ def test_runtime_dependencies_decode_the_common_compressed_syntaxes():
     for syntax in (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
                    uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.JPEG2000Lossless, uid.JPEG2000):
         assert "pylibjpeg" in get_decoder(syntax).available_plugins, syntax.name
-    assert get_decoder(uid.RLELossless).is_available
+    # RLE too (pylibjpeg-rle): pydicom's own RLE decoder is pure Python, several times slower on a full-size film.
+    assert "pylibjpeg" in get_decoder(uid.RLELossless).available_plugins
 
 
 @pytest.mark.parametrize("syntax", [uid.RLELossless, uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.JPEGLossless,
@@ -178,6 +180,17 @@ def test_jpeg_baseline_decodes_like_the_codestream():
     codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
     reference = np.asarray(Image.open(io.BytesIO(codestream)).convert("L")).astype(int)
     assert np.abs(pixels(ds).astype(int) - reference).max() <= 1
+
+
+def test_an_rle_stream_that_overruns_its_frame_is_rejected_not_a_panic_that_escapes():
+    # pylibjpeg-rle (Rust) panics on a 16-bit frame whose high-byte segment decodes past the frame's end; pyo3 raises
+    # that as PanicException, a BaseException, which would get past every `except Exception` up to the worker.
+    ds = compressed(make_dataset(np.full((64, 64), 1000, np.uint16), bits_stored=12), uid.RLELossless)
+    run = bytes([0x81, 7]) * 32  # 32 replicate runs of 128 bytes: exactly one segment of a 64x64 frame
+    high, low = run + bytes([0x81, 7]), run  # one run too many in the first segment
+    ds.PixelData = encapsulate([struct.pack("<16L", 2, 64, 64 + len(high), *[0] * 13) + high + low])
+    with pytest.raises(ImageRejected, match=r"unreadable pixel data \(RLE Lossless\): .*index out of bounds"):
+        read_dicom(to_bytes(ds), max_pixels=10_000_000)
 
 
 # --- refusals (the guard and unreadable files) ------------------------------------------------------------

@@ -247,7 +247,12 @@ def _check_pixel_module(ds: Dataset, max_pixels: int) -> None:
 def _decode(ds: Dataset) -> np.ndarray:
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # missing decoder, truncated or corrupt stream: all mean "cannot read these pixels"
+    except BaseException as exc:  # missing decoder, truncated or corrupt stream: all mean "cannot read these pixels"
+        # pylibjpeg-rle is Rust: a stream that overruns its frame panics, and pyo3's PanicException derives from
+        # BaseException so that `except Exception` lets it through. Anything else outside Exception (Ctrl-C, exit)
+        # is not about the file and goes on up.
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
         syntax = ds.file_meta.get("TransferSyntaxUID")
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise ImageRejected(f"unreadable pixel data ({name}): {str(exc)[:200]}") from exc

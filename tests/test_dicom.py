@@ -15,6 +15,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 
 from core.films.dicom import DicomInfo, read_dicom, read_dicom_info
+from core.films.dicom_pixels import PREFERRED_PLUGINS, preferred_plugin
 from core.films.errors import ImageRejected
 from core.films.imaging import load_grayscale
 from core.ml.bundle import load_bundle
@@ -151,13 +152,13 @@ def test_presentation_lut_inverse_on_monochrome2_inverts():
 # --- transfer syntaxes ------------------------------------------------------------------------------------
 
 
-def test_runtime_dependencies_decode_the_common_compressed_syntaxes():
-    # pylibjpeg (libjpeg, openjpeg) is what pyproject installs; gdcm and pyjpegls are test-only encoders.
+def test_runtime_dependencies_install_the_preferred_decoder_of_every_compressed_syntax():
+    # pyproject's runtime dependencies, not the test extra, provide each syntax's first choice and libjpeg/openjpeg.
+    for syntax, order in PREFERRED_PLUGINS.items():
+        assert preferred_plugin(syntax) == order[0], syntax.name
     for syntax in (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
-                   uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.JPEG2000Lossless, uid.JPEG2000):
+                   uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.JPEG2000Lossless, uid.JPEG2000, uid.RLELossless):
         assert "pylibjpeg" in get_decoder(syntax).available_plugins, syntax.name
-    # RLE too (pylibjpeg-rle): pydicom's own RLE decoder is pure Python, several times slower on a full-size film.
-    assert "pylibjpeg" in get_decoder(uid.RLELossless).available_plugins
 
 
 @pytest.mark.parametrize("syntax", [uid.RLELossless, uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.JPEGLossless,
@@ -189,8 +190,39 @@ def test_an_rle_stream_that_overruns_its_frame_is_rejected_not_a_panic_that_esca
     run = bytes([0x81, 7]) * 32  # 32 replicate runs of 128 bytes: exactly one segment of a 64x64 frame
     high, low = run + bytes([0x81, 7]), run  # one run too many in the first segment
     ds.PixelData = encapsulate([struct.pack("<16L", 2, 64, 64 + len(high), *[0] * 13) + high + low])
-    with pytest.raises(ImageRejected, match=r"unreadable pixel data \(RLE Lossless\): .*index out of bounds"):
+    with pytest.raises(ImageRejected, match=r"unreadable pixel data \(RLE Lossless\)"):
         read_dicom(to_bytes(ds), max_pixels=10_000_000)
+
+
+def _12_bit_film(syntax):
+    v = film(fixture_images()[3]).astype(np.uint16)
+    if syntax == uid.JPEGBaseline8Bit:
+        return compressed(make_dataset(v.astype(np.uint8)), syntax)
+    return compressed(make_dataset(v * 16 + v // 16, modality="CR", bits_stored=12), syntax)
+
+
+@pytest.mark.parametrize("syntax", [uid.RLELossless, uid.JPEGBaseline8Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
+                                    uid.JPEGLSLossless, uid.JPEG2000Lossless], ids=lambda s: s.name)
+def test_a_film_is_decoded_by_its_syntax_s_preferred_decoder_alone(syntax, monkeypatch):
+    # pydicom on its own takes the first plugin it lists: gdcm or pylibjpeg for baseline JPEG (4.7x Pillow's CPU),
+    # pylibjpeg for JPEG-LS (4.5x pyjpegls'), gdcm's multi-threaded JPEG 2000 (bench/decode.py).
+    data = to_bytes(_12_bit_film(syntax))
+    decoder, used = get_decoder(syntax), []
+    for name in decoder.available_plugins:
+        if name != PREFERRED_PLUGINS[syntax][0]:
+            monkeypatch.setitem(decoder._available, name, lambda *a, name=name, **k: used.append(name) or 1 / 0)
+    img, _ = read_dicom(data, max_pixels=10_000_000)
+    assert used == [] and img.mode == "L"
+
+
+def test_a_frame_the_preferred_decoder_cannot_read_goes_to_the_other_installed_decoders(monkeypatch):
+    ds = _12_bit_film(uid.JPEGLossless)
+    expected = pixels(ds)
+    decoder = get_decoder(uid.JPEGLossless)
+    assert preferred_plugin(uid.JPEGLossless) == "gdcm"
+    monkeypatch.setitem(decoder._available, "gdcm", lambda *a, **k: 1 / 0)
+    img, _ = read_dicom(to_bytes(_12_bit_film(uid.JPEGLossless)), max_pixels=10_000_000)
+    assert np.array_equal(np.asarray(img), expected)
 
 
 # --- refusals (the guard and unreadable files) ------------------------------------------------------------

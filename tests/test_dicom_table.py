@@ -72,7 +72,10 @@ def test_the_table_path_is_taken_for_16_bit_pixels_and_not_for_float(monkeypatch
     monkeypatch.setattr(dicom_pixels, "_map", lambda arr, ds, present: seen.append(arr.shape) or real(arr, ds, present))
     arr = film(10, 1000, np.uint16)
     dicom_pixels.to_8bit(arr, make_dataset(arr, bits_stored=12))
-    assert seen == [(991,)]  # one entry per value from the lowest to the highest, not the 96×80 pixels
+    assert seen == [(1001,)]  # unsigned: one entry per value from 0 to the highest, not the 96×80 pixels
+    seen.clear()
+    dicom_pixels.to_8bit(arr.astype(np.int16), make_dataset(arr.astype(np.int16), bits_stored=12))
+    assert seen == [(991,)]  # signed: from the lowest value to the highest
     seen.clear()
     dicom_pixels.to_8bit(arr.astype(np.float32), make_dataset(arr, bits_stored=12))
     assert seen == [(96, 80)]

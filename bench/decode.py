@@ -24,10 +24,15 @@ import pydicom  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydicom import uid  # noqa: E402
 
-from core.films import dicom_pixels  # noqa: E402
 from core.films.imaging import load_grayscale  # noqa: E402
 from core.ml.preprocess import resize_gray  # noqa: E402
 from core.ml.precision import describe_cpu  # noqa: E402
+
+try:
+    from core.films.dicom_pixels import preferred_plugin
+except ImportError:  # the code before per-syntax decoders, for before/after runs: pydicom's own order
+    def preferred_plugin(syntax):
+        return None
 from tests.dicom_samples import compressed, make_dataset, to_bytes  # noqa: E402
 
 
@@ -78,7 +83,7 @@ def main() -> None:
         decode = cpu_ms(lambda: load_grayscale(data), args.repeats)
         both = cpu_ms(lambda: resize_gray(load_grayscale(data)), args.repeats)
         syntax = pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID if name.startswith("DICOM") else None
-        plugin = getattr(dicom_pixels, "preferred_plugin", lambda s: None)(syntax) if syntax else None
+        plugin = preferred_plugin(syntax) if syntax else None
         print(f"{name:22s} {len(data) // 1024:8d} {decode:8.1f} {both:9.1f}" + (f"  ({plugin})" if plugin else ""))
 
 

@@ -85,3 +85,20 @@ def test_a_film_of_one_value_is_still_refused():
     flat = np.full((64, 64), 1234, np.uint16)
     with pytest.raises(ImageRejected, match="single value"):
         dicom_pixels.to_8bit(flat, make_dataset(flat, bits_stored=12))
+
+
+def test_min_max_over_a_monotonic_modality_stage_reads_only_the_extreme_stored_values(monkeypatch):
+    # A linear rescale keeps the order of the values, so the film's lowest and highest stored values bound its
+    # range; counting every value (np.bincount copies the film to intp) is left to non-monotonic Modality LUTs.
+    arr = film(10, 1000, np.uint16)
+    expected = dicom_pixels._map(arr, make_dataset(arr, bits_stored=12, RescaleSlope=-2, RescaleIntercept=5), None)
+
+    def no_count(*args, **kwargs):
+        raise AssertionError("bincount over the film")
+
+    monkeypatch.setattr(dicom_pixels.np, "bincount", no_count)
+    for slope in (1, -2):
+        ds = make_dataset(arr, bits_stored=12, RescaleSlope=slope, RescaleIntercept=5)
+        out = dicom_pixels.to_8bit(arr, ds)
+        assert out.min() == 0 and out.max() == 255
+    assert np.array_equal(out, expected)

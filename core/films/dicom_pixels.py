@@ -1,5 +1,5 @@
-"""DICOM pixel data: decoded by the fastest installed decoder, then to 8-bit grayscale the way a viewer shows it (Modality LUT,
-VOI LUT or window, inversion)."""
+"""DICOM pixel data: decoded by the cheapest installed decoder, then to 8-bit grayscale the way a viewer shows it
+(Modality LUT, VOI LUT or window, inversion)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,6 +1,6 @@
 """What decoding a hospital-size film costs a pool process: load_grayscale + the model's resize, by format.
 
-    python bench/decode.py [--size 2500x2048] [--repeats 7]
+    python bench/decode.py [--size 2500x2048] [--repeats 7] [--without python-gdcm pyjpegls pylibjpeg-rle]
 
 A 256-px training film (what bench/speed.py drops) decodes in under a millisecond; a modality's film is
 2,000–3,000 px a side, 12 bits, and often DICOM. Each film here is a fixture film scaled up to --size with a
@@ -23,17 +23,37 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydicom import uid  # noqa: E402
+from pydicom.pixels import get_decoder  # noqa: E402
 
 from core.films.imaging import load_grayscale  # noqa: E402
 from core.ml.preprocess import resize_gray  # noqa: E402
 from core.ml.precision import describe_cpu  # noqa: E402
+
+from tests.dicom_samples import compressed, make_dataset, to_bytes  # noqa: E402
 
 try:
     from core.films.dicom_pixels import preferred_plugin
 except ImportError:  # the code before per-syntax decoders, for before/after runs: pydicom's own order
     def preferred_plugin(syntax):
         return None
-from tests.dicom_samples import compressed, make_dataset, to_bytes  # noqa: E402
+
+# --without PACKAGE: the pydicom plugins that package provides, and the syntaxes it provides them for (None: all).
+PACKAGES = {"python-gdcm": ("gdcm", None), "pyjpegls": ("pyjpegls", None),
+            "pylibjpeg-rle": ("pylibjpeg", {uid.RLELossless})}
+COMPRESSED = (uid.RLELossless, uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
+              uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.JPEG2000Lossless, uid.JPEG2000)
+
+
+def decode_without(packages: list[str]) -> None:
+    """Makes pydicom decode as if `packages` were not installed (they stay importable: the samples need them to
+    encode), e.g. the decoders pyproject shipped before python-gdcm, pyjpegls and pylibjpeg-rle."""
+    for syntax in COMPRESSED:
+        decoder = get_decoder(syntax)
+        decoder.available_plugins  # noqa: B018 (loads the plugins, so that they can be dropped)
+        for package in packages:
+            plugin, syntaxes = PACKAGES[package]
+            if syntaxes is None or syntax in syntaxes:
+                decoder._available.pop(plugin, None)
 
 
 def films(width: int, height: int) -> dict[str, bytes]:
@@ -74,7 +94,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="2500x2048", help="film width x height in pixels")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--without", nargs="*", default=[], choices=sorted(PACKAGES),
+                    help="decode as if these packages were not installed")
     args = ap.parse_args()
+    decode_without(args.without)
     width, height = (int(v) for v in args.size.lower().split("x"))
     print(f"cpu: {describe_cpu()}")
     print(f"film {width}x{height}; CPU ms of the process (all threads), median of {args.repeats}")

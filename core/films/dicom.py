@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.valuerep import DA, TM
 
-from core.films.dicom_pixels import decode_pixels, is_panic, to_8bit
+from core.films.dicom_pixels import decode_pixels, to_8bit
 from core.films.errors import DEFAULT_MAX_FILE_BYTES, MIN_SIDE, FilmRefused, ImageRejected, over_limit
 
 # pydicom's read-time validation warnings quote element values (names, IDs, dates); they must never reach a log.
@@ -247,10 +247,7 @@ def _check_pixel_module(ds: Dataset, max_pixels: int) -> None:
 def _decode(ds: Dataset) -> np.ndarray:
     try:
         arr = decode_pixels(ds)
-    except BaseException as exc:  # missing decoder, truncated or corrupt stream: all mean "cannot read these pixels"
-        # A Rust decoder's panic is about the file; anything else outside Exception (Ctrl-C, exit) goes on up.
-        if not isinstance(exc, Exception) and not is_panic(exc):
-            raise
+    except Exception as exc:  # missing decoder, truncated or corrupt stream: all mean "cannot read these pixels"
         syntax = ds.file_meta.get("TransferSyntaxUID")
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise ImageRejected(f"unreadable pixel data ({name}): {str(exc)[:200]}") from exc

@@ -40,10 +40,16 @@ def preferred_plugin(syntax: str | None) -> str | None:
     return next((name for name in PREFERRED_PLUGINS[syntax] if name in available), None)
 
 
-def is_panic(exc: BaseException) -> bool:
-    """pylibjpeg-rle is Rust: a stream that overruns its frame panics, and pyo3's PanicException derives from
-    BaseException so that `except Exception` lets it through."""
-    return type(exc).__name__ == "PanicException"
+def _pixel_array(ds: Dataset) -> np.ndarray:
+    """ds.pixel_array, with a Rust decoder's panic raised as the ValueError it is about: pylibjpeg-rle panics on a
+    stream that overruns its frame, and pyo3's PanicException derives from BaseException, which gets past every
+    `except Exception` up to the worker."""
+    try:
+        return ds.pixel_array
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ValueError(f"the decoder failed on a malformed stream: {exc}") from exc
 
 
 def decode_pixels(ds: Dataset) -> np.ndarray:
@@ -54,14 +60,12 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
     if plugin is not None:
         ds.pixel_array_options(decoding_plugin=plugin)
         try:
-            return ds.pixel_array
-        except BaseException as exc:
-            if not isinstance(exc, Exception) and not is_panic(exc):
-                raise
+            return _pixel_array(ds)
+        except Exception:
             ds.pixel_array_options()  # every installed plugin, the preferred one again included
             if get_decoder(syntax).available_plugins == (plugin,):
                 raise
-    return ds.pixel_array
+    return _pixel_array(ds)
 
 
 def _wide_voi_lut(ds: Dataset, item: Dataset) -> Dataset:
